@@ -1,0 +1,66 @@
+"""The `candle-dist` console script: one subcommand per module, imported only when used.
+
+Each subcommand module exposes `add_arguments(parser)` and `main(args) -> int`, and its module
+docstring's first paragraph is the subcommand's help text (with an example).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from candle_dist.errors import UserInputError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-shards": ("candle_dist.data.make_shards", "write WebDataset tar shards from images"),
+    "extract": ("candle_dist.features.extract", "encode shards with a frozen CLIP into a store"),
+    "train": ("candle_dist.train.cli", "fit the Candle head on a feature store"),
+    "eval": ("candle_dist.eval.cli", "evaluate a checkpoint on a feature store"),
+    "predict": ("candle_dist.predict", "top-k class names for images, shards or features"),
+    "bench": ("candle_dist.bench", "time training steps of the head (bench head ...)"),
+    "pretrain-tiny": ("candle_dist.demo.tiny_clip", "build the offline tiny CLIP for the demo"),
+    "demo": ("candle_dist.demo.run", "end-to-end demo on synthetic long-tailed data"),
+    "submit": ("candle_dist.submit", "submit extraction + training to SLURM via submitit"),
+}
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<14} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return argparse.ArgumentParser(
+        prog="candle-dist",
+        description="Candle long-tailed CLIP adaptation over very many classes.",
+        epilog="subcommands:\n" + "\n".join(lines) + "\n\nrun 'candle-dist SUBCOMMAND --help'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = _top_level_parser()
+        parser.add_argument("subcommand", choices=sorted(COMMANDS))
+        parser.parse_args(argv[:1])  # prints usage / help and exits
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    doc = (module.__doc__ or COMMANDS[name][1]).strip()
+    parser = argparse.ArgumentParser(
+        prog=f"candle-dist {name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except UserInputError as err:
+        print(f"candle-dist {name}: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"candle-dist {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: WebDataset shards, procedural images, synthetic CLIP-like features."""

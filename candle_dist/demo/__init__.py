@@ -1,0 +1,1 @@
+"""The offline demo: a tiny CLIP and the end-to-end run."""

@@ -1,0 +1,1 @@
+"""Evaluation: long-tailed metrics and plots."""

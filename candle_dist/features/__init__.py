@@ -1,0 +1,1 @@
+"""Features: frozen-CLIP extraction, the feature store, text prompts."""

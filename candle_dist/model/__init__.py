@@ -1,0 +1,1 @@
+"""Model: the Candle head and its losses."""

@@ -1,0 +1,1 @@
+"""Class parallelism: class ranges, autograd-aware gathers, distributed cross-entropy."""

@@ -1,0 +1,1 @@
+"""Training: the Accelerate trainer, configs, checkpoints."""
