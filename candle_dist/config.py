@@ -1,0 +1,179 @@
+"""Run configuration: typed sections loaded from YAML, validated, with dotted `key=value` overrides.
+
+    cfg = load_config("configs/inat2018.yaml", ["optim.lr=1e-3", "head.mask=in_visual"])
+
+An unknown key is an error that lists the valid keys of its section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from candle_dist.errors import UserInputError
+
+
+@dataclass
+class DataConfig:
+    """Where features (and, for the extraction stage, shards) live."""
+
+    train: str = ""  # feature store directory of the training split
+    val: str | None = None  # feature store directory of the evaluation split
+    train_shards: str | None = None  # brace-expanded shard URLs, for `extract`
+    val_shards: str | None = None
+    classnames: str | None = None  # classnames.txt; default: beside the shards
+
+
+@dataclass
+class ClipConfig:
+    """The frozen CLIP used for extraction (open_clip names)."""
+
+    name: str = "ViT-B-16"
+    pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none"
+    model_config: str | None = None
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    batch_size: int = 256
+    workers: int = 8
+    views: int = 0  # augmented views per training image (0 = none)
+
+
+@dataclass
+class HeadConfig:
+    """CandleHead options (DESIGN.md §2)."""
+
+    mask: str = "none"
+    virtual_init: str = "text"
+    tie_virtual_to_text: bool = True
+    visual_scale: float = 1.0
+    num_heads: int = 8
+    attn_dropout: float = 0.1
+    chunk_rows: int = 1024
+    logit_scale: float | None = None  # default: the store's CLIP logit scale, else log(100)
+
+
+@dataclass
+class LossConfig:
+    name: str = "cla"  # cla, cross_entropy, logit_adjusted, balanced_softmax, focal, class_balanced
+    tau: float = 1.0
+    gamma: float = 2.0
+    beta: float = 0.9999
+
+
+@dataclass
+class OptimConfig:
+    """The reference recipe: SGD, one constant warm-up epoch, cosine decay."""
+
+    lr: float = 3e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 50
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    batch_size: int = 128  # global batch (all ranks together)
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/candle"
+    seed: int = 0
+    checkpoint_every: int = 500  # steps; also at every epoch end
+    log_every: int = 20
+    eval_batch_size: int = 1024
+    eval_every_epoch: bool = False  # evaluate after every epoch (else only at the end)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
+    num_workers: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (or defaults), then `section.key=value` overrides applied."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise UserInputError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise UserInputError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise UserInputError(f"config file {path} must hold a mapping of sections")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"override {item!r} must look like section.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserInputError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+    return _build(Config, raw, source, "")
+
+
+def _build(cls: type, raw: dict[str, Any], source: str, where: str):
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{source}: {where or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        place = f"section '{where}'" if where else "top level"
+        raise UserInputError(
+            f"{source}: unknown key(s) {', '.join(unknown)} in {place}; valid keys: "
+            f"{', '.join(names)}"
+        )
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], source, key)
+        else:
+            values[name] = _coerce(raw[name], hint, source, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, args[0], source, key) for v in items]
+    if hint is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, int | float | bool):
+        return str(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise UserInputError(f"{source}: {key} = {value!r} should be of type {hint.__name__}")
