@@ -214,6 +214,53 @@ class CandleHead(nn.Module):
             return self.text_features
         return torch.cat([self.text_features[: self.local_base], self.virtual_prototypes.detach()])
 
+    # --------------------------------------------------------------- sharded checkpoints
+    def class_sharded_ranges(self) -> dict[str, tuple[int, list[int]]]:
+        """For each class-sharded tensor: its full length and every rank's row count."""
+        ranges = {}
+        for name, offset, length in (
+            ("text_features", 0, self.num_classes),
+            ("visual_prototypes", 0, self.num_base_classes),
+            ("virtual_prototypes", self.num_base_classes, self.num_classes - self.num_base_classes),
+        ):
+            sizes = []
+            for rank in range(self.comm.world_size):
+                start, stop = self.class_partition.range(rank)
+                sizes.append(max(0, min(stop, offset + length) - max(start, offset)))
+            ranges[name] = (length, sizes)
+        return ranges
+
+    def gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows of a class-sharded tensor (a state entry or its optimizer state)."""
+        _, sizes = self.class_sharded_ranges()[name]
+        return self.comm.gather_constant(local, sizes)
+
+    def slice_full(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full class-sharded tensor."""
+        length, sizes = self.class_sharded_ranges()[name]
+        if full.shape[0] != length:
+            raise UserInputError(
+                f"checkpoint entry {name} has {full.shape[0]} rows but this head expects {length}: "
+                "the checkpoint was trained on a different class list"
+            )
+        start = sum(sizes[: self.comm.rank])
+        return full[start : start + sizes[self.comm.rank]]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The one-process state dict (class-sharded entries gathered); same on every rank."""
+        state = self.state_dict()
+        for name in self.class_sharded_ranges():
+            state[name] = self.gather_full(name, state[name])
+        return {name: value.detach().cpu() for name, value in state.items()}
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a one-process state dict (from any number of ranks) into this rank's shard."""
+        state = dict(state)
+        for name in self.class_sharded_ranges():
+            if name in state:
+                state[name] = self.slice_full(name, state[name])
+        self.load_state_dict(state)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.tied:  # the published code's text_features share storage with the prototypes

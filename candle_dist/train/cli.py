@@ -1,0 +1,51 @@
+"""Fit the Candle head on a feature store (class-parallel over every launched rank).
+
+Example:
+  candle-dist train --config configs/demo.yaml train.output=runs/demo optim.epochs=5
+  accelerate launch --multi_gpu --num_processes 8 -m candle_dist.cli train \\
+      --config configs/inat2018.yaml --resume
+
+Overrides are dotted `section.key=value` pairs (see configs/*.yaml for the sections). With
+--resume the run continues from the newest checkpoint in train.output (if any), with any number
+of ranks. On SIGUSR1/SIGTERM a checkpoint is written and the process exits with status 75.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from candle_dist.config import load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)"
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def main(args: argparse.Namespace) -> int:
+    from candle_dist.errors import UserInputError
+    from candle_dist.train.data import eval_data_from_store, training_data_from_store
+    from candle_dist.train.trainer import PREEMPTED_EXIT_CODE, Preempted, fit
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.train:
+        raise UserInputError("data.train is empty: set it to a feature store directory")
+    train = training_data_from_store(cfg.data.train)
+    val = eval_data_from_store(cfg.data.val) if cfg.data.val else None
+    try:
+        results = fit(cfg, train, val, resume=args.resume, max_steps=args.max_steps)
+    except Preempted as stop:
+        print(f"candle-dist train: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    if "eval" in results:
+        m = results["eval"]
+        print(
+            f"top1 {m['top1']:.4f}  base {m['base']}  new {m['new']}  hm {m['hm']}  "
+            f"many {m['many']}  medium {m['medium']}  few {m['few']}"
+        )
+    return 0

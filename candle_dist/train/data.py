@@ -1,0 +1,137 @@
+"""What the trainer consumes: features, labels, class texts and counts, from a store or memory."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from candle_dist.errors import UserInputError
+
+DEFAULT_LOGIT_SCALE = math.log(100.0)  # OpenAI CLIP's learned temperature, s = 100
+
+
+@dataclass
+class TrainingData:
+    """Training split. `features` is any [N, D] array indexable by an int array (memory-mapped
+    stores included); `views(indices, view_ids)` gives augmented views when `num_views` > 0."""
+
+    features: Any
+    labels: np.ndarray
+    text_features: torch.Tensor
+    counts: np.ndarray
+    num_base_classes: int
+    classnames: list[str]
+    logit_scale: float = DEFAULT_LOGIT_SCALE
+    num_views: int = 0
+    views: Any = None
+    source: str = "memory"
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.text_features.shape[0])
+
+    def rows(self, indices: np.ndarray, view_ids: np.ndarray | None = None) -> torch.Tensor:
+        """Float32 feature rows for these sample indices (one augmented view each if given)."""
+        if view_ids is not None and self.num_views > 0:
+            rows = self.views(indices, view_ids)
+        else:
+            rows = self.features[indices]
+        return torch.as_tensor(np.asarray(rows, dtype=np.float32))
+
+
+@dataclass
+class EvalData:
+    features: Any
+    labels: np.ndarray
+    source: str = "memory"
+
+
+def training_data_from_synthetic(synthetic) -> tuple[TrainingData, EvalData]:
+    """Wrap `candle_dist.data.synthetic_features.SyntheticFeatures` for the trainer."""
+    train = TrainingData(
+        features=synthetic.train_features.numpy(),
+        labels=synthetic.train_labels.numpy(),
+        text_features=synthetic.text_features,
+        counts=synthetic.counts.numpy(),
+        num_base_classes=synthetic.num_base_classes,
+        classnames=list(synthetic.classnames),
+        logit_scale=float(synthetic.logit_scale),
+        source="synthetic",
+    )
+    val = EvalData(synthetic.val_features.numpy(), synthetic.val_labels.numpy(), "synthetic")
+    return train, val
+
+
+def training_data_from_store(path: str) -> TrainingData:
+    """Open a feature store written by `candle-dist extract` (memory-mapped)."""
+    from candle_dist.features.store import FeatureStore
+
+    store = FeatureStore(path)
+    return TrainingData(
+        features=store.features,
+        labels=np.asarray(store.labels, dtype=np.int64),
+        text_features=torch.as_tensor(np.asarray(store.text_features, dtype=np.float32)),
+        counts=np.asarray(store.counts, dtype=np.int64),
+        num_base_classes=int(store.num_base_classes),
+        classnames=list(store.classnames),
+        logit_scale=float(store.manifest.get("logit_scale", DEFAULT_LOGIT_SCALE)),
+        num_views=int(store.num_views),
+        views=store.views if store.num_views else None,
+        source=str(path),
+    )
+
+
+def eval_data_from_store(path: str) -> EvalData:
+    from candle_dist.features.store import FeatureStore
+
+    store = FeatureStore(path)
+    return EvalData(store.features, np.asarray(store.labels, dtype=np.int64), str(path))
+
+
+def validate(train: TrainingData, val: EvalData | None = None, chunk: int = 65536) -> None:
+    """Reject what would otherwise fail deep inside torch, or train on garbage silently."""
+    num_classes, dim = train.text_features.shape
+    if len(train.counts) != num_classes:
+        raise UserInputError(
+            f"{train.source}: counts has {len(train.counts)} entries but there are {num_classes} "
+            "classes (text features): counts.tsv and classnames.txt must list the same classes"
+        )
+    if len(train.labels) != len(train.features):
+        raise UserInputError(
+            f"{train.source}: {len(train.features)} feature rows but {len(train.labels)} labels"
+        )
+    for split in [train, *([val] if val is not None else [])]:
+        labels = np.asarray(split.labels)
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+            raise UserInputError(
+                f"{split.source}: label {bad} is outside [0, {num_classes}); the class list has "
+                f"{num_classes} classes: use the classnames.txt the shards were made with"
+            )
+        if len(split.features) and np.asarray(split.features[:1]).shape[-1] != dim:
+            raise UserInputError(
+                f"{split.source}: image features have dimension "
+                f"{np.asarray(split.features[:1]).shape[-1]} but text features have {dim}: "
+                "extract both with the same CLIP model"
+            )
+        for start in range(0, len(split.features), chunk):
+            block = np.asarray(split.features[start : start + chunk], dtype=np.float32)
+            if not np.isfinite(block).all():
+                row = start + int(np.argwhere(~np.isfinite(block))[0][0])
+                raise UserInputError(
+                    f"{split.source}: feature row {row} contains NaN or infinity: re-extract it"
+                )
+    if not torch.isfinite(train.text_features).all():
+        raise UserInputError(f"{train.source}: text features contain NaN or infinity")
+    present = np.bincount(np.asarray(train.labels), minlength=num_classes)[: train.num_base_classes]
+    if (present == 0).any():
+        missing = np.flatnonzero(present == 0)
+        names = ", ".join(f"{i} ({train.classnames[i]})" for i in missing[:5])
+        raise UserInputError(
+            f"{train.source}: base class(es) {names} have no training images; base classes "
+            "(ids < num_base_classes) need images: mark them as new classes or add images"
+        )

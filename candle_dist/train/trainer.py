@@ -1,0 +1,284 @@
+"""The Candle training loop on Accelerate: data-parallel over samples, class-parallel over classes.
+
+Every rank draws the same global batch (same seed) and keeps its contiguous share of it, so a
+run with P ranks sees exactly the batches of a one-rank run. Replicated parameters (projections,
+fusion) have their gradients summed across ranks by hand: each rank's loss is the global loss,
+and its gradient holds only the contributions of its own rows and classes. DDP (which averages)
+is therefore not used; Accelerate provides the process group, device and autocast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from candle_dist.config import Config
+from candle_dist.errors import UserInputError
+from candle_dist.eval.metrics import MetricAccumulator, to_json
+from candle_dist.model.head import CandleHead
+from candle_dist.model.losses import build_loss
+from candle_dist.parallel.comm import ClassGroup
+from candle_dist.parallel.partition import Partition
+from candle_dist.train import checkpoint as ckpt
+from candle_dist.train.data import EvalData, TrainingData, validate
+from candle_dist.train.prototypes import class_means
+from candle_dist.train.schedule import learning_rate
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on a signal, requeue and --resume
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was written because SIGUSR1/SIGTERM arrived."""
+
+
+def make_accelerator(precision: str = "auto"):
+    """An Accelerator that really has N ranks under `accelerate launch`/torchrun, GPU or not."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    mixed = "bf16" if cuda and precision in ("auto", "bf16") else "no"
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise UserInputError(
+            f"launched with WORLD_SIZE={launched} but Accelerate set up "
+            f"{accelerator.num_processes} process(es); on machines without GPUs launch with "
+            "`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`"
+        )
+    return accelerator
+
+
+def build_head(cfg: Config, train: TrainingData, comm: ClassGroup) -> CandleHead:
+    protos = class_means(train.features, train.labels, train.num_base_classes)
+    logit_scale = cfg.head.logit_scale if cfg.head.logit_scale is not None else train.logit_scale
+    torch.manual_seed(cfg.train.seed)  # the "visual" virtual-prototype noise
+    return CandleHead(
+        text_features=train.text_features,
+        visual_prototypes=protos,
+        logit_scale=logit_scale,
+        visual_scale=cfg.head.visual_scale,
+        mask=cfg.head.mask,
+        virtual_init=cfg.head.virtual_init,
+        tie_virtual_to_text=cfg.head.tie_virtual_to_text,
+        num_heads=cfg.head.num_heads,
+        attn_dropout=cfg.head.attn_dropout,
+        comm=comm,
+        chunk_rows=cfg.head.chunk_rows,
+    )
+
+
+def sum_replicated_gradients(head: CandleHead) -> None:
+    """All-reduce (sum) the gradients of parameters every rank holds in full, in one bucket."""
+    if not head.comm.distributed:
+        return
+    sharded = head.class_sharded_ranges()
+    grads = [p.grad for n, p in head.named_parameters() if n not in sharded and p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    head.comm.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class _StopFlag:
+    """Set by SIGUSR1/SIGTERM; checked (and agreed on across ranks) at step boundaries."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self, comm: ClassGroup) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        return bool(comm.all_reduce(flag, "max").item() > 0) if comm.distributed else self.raised
+
+
+def fit(
+    cfg: Config,
+    train: TrainingData,
+    val: EvalData | None = None,
+    *,
+    resume: bool = False,
+    accelerator=None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train the head per `cfg`, checkpointing as it goes; returns final metrics (if `val`)."""
+    validate(train, val)
+    accelerator = accelerator or make_accelerator(cfg.train.precision)
+    device = accelerator.device
+    comm = ClassGroup()
+    is_main = comm.rank == 0
+    output = Path(cfg.train.output)
+    ckpt_dir = output / "checkpoints"
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    head = build_head(cfg, train, comm).to(device)
+    criterion = build_loss(cfg.loss.name, train.counts, **_loss_options(cfg)).to(device)
+    optimizer = torch.optim.SGD(
+        head.parameters(),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    num_samples = len(train.labels)
+    batch = cfg.optim.batch_size
+    steps_per_epoch = math.ceil(num_samples / batch)
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    step = 0
+    if resume and (latest := ckpt.latest_checkpoint(ckpt_dir)) is not None:
+        step = int(ckpt.load_checkpoint(latest, head, optimizer).get("step", 0))
+        if is_main:
+            print(f"resumed from {latest} at step {step}", flush=True)
+
+    stop = _StopFlag()
+    log = open(output / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train")
+    last_step = total_steps if max_steps is None else min(total_steps, step + max_steps)
+    started = time.perf_counter()
+    try:
+        while step < last_step:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = _epoch_order(cfg.train.seed, epoch, num_samples)
+            view_ids = _epoch_views(cfg.train.seed, epoch, num_samples, train.num_views)
+            indices = order[in_epoch * batch : (in_epoch + 1) * batch]
+            share = Partition(len(indices), comm.world_size).range(comm.rank)
+            local = indices[share[0] : share[1]]
+            features = train.rows(local, None if view_ids is None else view_ids[local]).to(device)
+            labels = torch.as_tensor(train.labels[local], dtype=torch.long, device=device)
+
+            lr = learning_rate(cfg.optim, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101 + comm.rank)  # dropout
+            head.train()
+            with accelerator.autocast():
+                loss, parts = head.loss(features, labels, criterion)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sum_replicated_gradients(head)
+            optimizer.step()
+            step += 1
+            progress.update(1)
+
+            if log is not None and (step % cfg.train.log_every == 0 or step == last_step):
+                record = {"step": step, "epoch": epoch, "lr": lr, "loss": float(loss.detach())}
+                record.update({k: float(v) for k, v in parts.items()})
+                record["elapsed_s"] = round(time.perf_counter() - started, 3)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+            epoch_end = step % steps_per_epoch == 0
+            if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step:
+                _save(ckpt_dir, head, optimizer, step, epoch, cfg)
+            if stop.agreed(comm):
+                if not (step % cfg.train.checkpoint_every == 0 or epoch_end):
+                    _save(ckpt_dir, head, optimizer, step, epoch, cfg)
+                raise Preempted(f"stopped by a signal at step {step}; resume with --resume")
+            if val is not None and cfg.train.eval_every_epoch and epoch_end and log is not None:
+                metrics = evaluate(head, val, train, cfg.train.eval_batch_size, device)
+                log.write(json.dumps({"step": step, "epoch": epoch, "eval": metrics}) + "\n")
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+
+    results: dict[str, Any] = {"steps": step}
+    if step >= total_steps:
+        results.update(_finish(cfg, head, train, val, output, device))
+    return results
+
+
+def _save(ckpt_dir: Path, head, optimizer, step: int, epoch: int, cfg: Config) -> None:
+    state = {"step": step, "epoch": epoch, "world_size": head.comm.world_size}
+    state["config"] = cfg.to_dict()
+    ckpt.save_checkpoint(ckpt_dir, head, optimizer, state)
+
+
+def _loss_options(cfg: Config) -> dict[str, float]:
+    name = cfg.loss.name
+    if name in ("cla", "logit_adjusted"):
+        return {"tau": cfg.loss.tau}
+    if name == "focal":
+        return {"gamma": cfg.loss.gamma}
+    if name == "class_balanced":
+        return {"beta": cfg.loss.beta}
+    return {}
+
+
+def _epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def _epoch_views(seed: int, epoch: int, num_samples: int, num_views: int) -> np.ndarray | None:
+    if num_views <= 0:
+        return None
+    return np.random.default_rng([seed, epoch, 1]).integers(0, num_views, num_samples)
+
+
+@torch.no_grad()
+def predict_scores(head: CandleHead, features: torch.Tensor) -> torch.Tensor:
+    """Test-phase scores `logits_vt + logits_vv` over all classes (columns gathered)."""
+    head.eval()
+    _, logits_vt, logits_vv = head(features, phase="test")
+    scores = (logits_vt + logits_vv).float()
+    if head.comm.distributed:
+        sizes = head.class_partition.sizes
+        scores = head.comm.gather_constant(scores.t().contiguous(), sizes).t()
+    return scores
+
+
+@torch.no_grad()
+def evaluate(
+    head: CandleHead, val: EvalData, train: TrainingData, batch_size: int, device
+) -> dict[str, Any]:
+    """Metrics of DESIGN.md §2 on `val`, in batches (each rank scores its share of a batch)."""
+    acc = MetricAccumulator(train.counts, train.num_base_classes)
+    comm = head.comm
+    total = len(val.labels)
+    for start in tqdm(range(0, total, batch_size), desc="eval", disable=comm.rank != 0):
+        stop = min(start + batch_size, total)
+        lo, hi = Partition(stop - start, comm.world_size).range(comm.rank)
+        rows = torch.as_tensor(np.asarray(val.features[start + lo : start + hi], dtype=np.float32))
+        scores = predict_scores(head, rows.to(device))
+        acc.update(scores.cpu(), val.labels[start:stop])
+    return acc.compute()
+
+
+def _finish(cfg, head, train, val, output: Path, device) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    full = head.full_state_dict()
+    if head.comm.rank == 0:
+        final = output / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        tmp = final / "head.pt.tmp"
+        torch.save(full, tmp)
+        os.replace(tmp, final / "head.pt")
+        meta = {
+            "classnames": train.classnames,
+            "num_base_classes": train.num_base_classes,
+            "counts": [int(c) for c in train.counts],
+            "logit_scale": math.log(head.scale),
+            "head": cfg.to_dict()["head"],
+        }
+        (final / "head_meta.json").write_text(json.dumps(meta))
+    if val is not None:
+        metrics = evaluate(head, val, train, cfg.train.eval_batch_size, device)
+        results["eval"] = metrics
+        if head.comm.rank == 0:
+            to_json(metrics, output / "eval.json")
+    return results
