@@ -1,0 +1,131 @@
+"""Trainer: the method's claims on long-tailed features, exact kill -9 resume, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from candle_dist.config import load_config
+from candle_dist.data.synthetic_features import make_synthetic_features
+from candle_dist.errors import UserInputError
+from candle_dist.eval.metrics import evaluate
+from candle_dist.train.data import training_data_from_synthetic
+from candle_dist.train.trainer import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def long_tailed():
+    synthetic = make_synthetic_features(
+        100, 64, imbalance_ratio=100, max_count=100, num_new=20, val_per_class=10, seed=0
+    )
+    return synthetic, *training_data_from_synthetic(synthetic)
+
+
+def _train(tmp_path, data, loss, *extra):
+    _, train, val = data
+    cfg = load_config(
+        None,
+        [
+            f"loss.name={loss}",
+            "optim.epochs=8",
+            "optim.lr=0.01",
+            "head.num_heads=4",
+            f"train.output={tmp_path / loss}",
+            "train.checkpoint_every=1000",
+            *extra,
+        ],
+    )
+    return fit(cfg, train, val)["eval"]
+
+
+def test_cla_beats_ce_on_few_shot_and_zero_shot_on_base(tmp_path, long_tailed):
+    torch.set_num_threads(2)
+    synthetic = long_tailed[0]
+    cla = _train(tmp_path, long_tailed, "cla")
+    ce = _train(tmp_path, long_tailed, "cross_entropy")
+    assert cla["few"] >= ce["few"] + 0.03, (cla["few"], ce["few"])
+    assert cla["new"] > 0.2  # 20 new classes: chance is 0.05
+    normalize = torch.nn.functional.normalize
+    zero_shot = (
+        normalize(synthetic.val_features, dim=-1) @ normalize(synthetic.text_features, dim=-1).t()
+    )
+    text_only = evaluate(zero_shot, synthetic.val_labels, synthetic.counts, 80)
+    assert cla["base"] >= text_only["base"] + 0.1, (cla["base"], text_only["base"])
+    assert (tmp_path / "cla" / "eval.json").exists()
+    assert (tmp_path / "cla" / "final" / "head.pt").exists()
+
+
+def _run(output, mode):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "train_script.py"), str(output), mode],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _final(output):
+    return torch.load(output / "final" / "head.pt", weights_only=True)
+
+
+def test_kill_minus_nine_then_resume_equals_uninterrupted(tmp_path):
+    assert _run(tmp_path / "straight", "fresh").wait(timeout=300) == 0
+    victim = _run(tmp_path / "killed", "fresh")
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if latest.exists() and int(latest.read_text().split("_")[1]) >= 14:
+            break
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "final").exists()
+    assert _run(tmp_path / "killed", "resume").wait(timeout=300) == 0
+    straight, resumed = _final(tmp_path / "straight"), _final(tmp_path / "killed")
+    for name, value in straight.items():
+        assert torch.allclose(value, resumed[name], rtol=1e-6, atol=1e-7), name
+
+
+def test_checkpoints_load_weights_only(tmp_path, long_tailed):
+    _train(tmp_path, long_tailed, "cla", "optim.epochs=1", "train.checkpoint_every=5")
+    step_dirs = sorted((tmp_path / "cla" / "checkpoints").glob("step_*"))
+    assert step_dirs
+    for file in step_dirs[-1].glob("*.pt"):
+        torch.load(file, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: setattr(t, "labels", np.where(t.labels == 0, 500, t.labels)), "outside"),
+        (lambda t: setattr(t, "counts", t.counts[:-1]), "counts"),
+        (
+            lambda t: setattr(t, "labels", np.where(t.labels == 3, 4, t.labels)),
+            "no training images",
+        ),
+        (lambda t: t.features.__setitem__((5, 2), np.nan), "NaN"),
+        (lambda t: setattr(t, "features", t.features[:, :10]), "dimension"),
+    ],
+)
+def test_bad_training_input_is_a_clear_error(tmp_path, mutate, message):
+    synthetic = make_synthetic_features(20, 16, imbalance_ratio=5, max_count=20, num_new=4, seed=1)
+    train, _ = training_data_from_synthetic(synthetic)
+    train.features = train.features.copy()
+    mutate(train)
+    cfg = load_config(None, [f"train.output={tmp_path}", "head.num_heads=4"])
+    with pytest.raises(UserInputError, match=message):
+        fit(cfg, train)
+
+
+def test_unknown_loss_is_a_clear_error(tmp_path, long_tailed):
+    with pytest.raises(UserInputError, match="unknown loss"):
+        _train(tmp_path, long_tailed, "hinge")
