@@ -87,6 +87,9 @@ class TrainConfig:
     eval_batch_size: int = 1024
     eval_every_epoch: bool = False  # evaluate after every epoch (else only at the end)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
+    # Sampled mode (10^5-10^6 classes): per step, the batch's classes plus this fraction of the
+    # others serve as prototype rows, attention tokens and logit columns. 0 = exact objective.
+    class_sample_fraction: float = 0.0
     num_workers: int = 0
 
 

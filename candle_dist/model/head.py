@@ -125,28 +125,42 @@ class CandleHead(nn.Module):
         image_features: torch.Tensor,
         labels: torch.Tensor,
         criterion: AdjustedCrossEntropy,
+        classes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss `criterion(logits0) + criterion(logits_vt) + criterion(logits_vv)`.
 
         Rows are this step's images (all ranks') followed by one prototype row per class with
         targets 0..C-1. Logits exist one chunk of rows at a time (recomputed in backward).
+
+        Sampled mode: `classes` (sorted global ids within this rank's range, covering every
+        class of the batch) restricts prototype rows, attention tokens and logit columns to
+        those classes; the logit adjustment still comes from the full prior.
         """
         if criterion.num_classes != self.num_classes:
             raise UserInputError(
                 f"the loss was built for {criterion.num_classes} classes but the head has "
                 f"{self.num_classes}: pass class_counts for every class (base and new)"
             )
-        enc = self._encode(image_features, "train")
-        sizes = self.comm.sizes_of(labels.shape[0], labels.device)
-        targets = torch.cat(
-            [
-                self.comm.gather_constant(labels, sizes),
-                torch.arange(self.num_classes, device=labels.device),
-            ]
+        device, sampled = labels.device, classes is not None
+        if sampled:
+            classes = classes.to(device)
+            class_sizes = self.comm.sizes_of(classes.shape[0], device)
+            all_classes = self.comm.gather_constant(classes, class_sizes)
+        else:
+            classes = torch.arange(self.class_start, self.class_stop, device=device)
+            class_sizes = self.class_partition.sizes
+            all_classes = torch.arange(self.num_classes, device=device)
+        col_start = sum(class_sizes[: self.comm.rank])
+        enc = self._encode(image_features, "train", classes - self.class_start if sampled else None)
+        image_labels = self.comm.gather_constant(
+            labels, self.comm.sizes_of(labels.shape[0], device)
         )
+        # logit columns are positions in `all_classes`; the criterion's reduction sees class ids
+        targets = torch.cat([image_labels, all_classes])
+        positions = torch.searchsorted(all_classes, targets) if sampled else targets
         adjustment = criterion.logit_adjustment
         if adjustment is not None:
-            adjustment = adjustment[self.class_start : self.class_stop].to(enc.text.device)
+            adjustment = adjustment.to(device)[classes]
 
         def term(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:
             per_row = class_parallel_cross_entropy(
@@ -154,8 +168,8 @@ class CandleHead(nn.Module):
                 cols,
                 scale,
                 adjustment,
-                targets,
-                col_start=self.class_start,
+                positions,
+                col_start=col_start,
                 comm=self.comm,
                 chunk_rows=self.chunk_rows,
             )
@@ -169,7 +183,9 @@ class CandleHead(nn.Module):
         total = parts["loss0"] + parts["loss_vt"] + parts["loss_vv"]
         return total, {name: value.detach() for name, value in parts.items()}
 
-    def _encode(self, image_features: torch.Tensor, phase: str) -> _Encoded:
+    def _encode(
+        self, image_features: torch.Tensor, phase: str, local_classes: torch.Tensor | None = None
+    ) -> _Encoded:
         if phase not in PHASES:
             raise UserInputError(f"unknown phase {phase!r}: use 'train' or 'test'")
         if image_features.ndim != 2 or image_features.shape[1] != self.dim:
@@ -179,12 +195,17 @@ class CandleHead(nn.Module):
             )
         comm = self.comm
         image_sizes = comm.sizes_of(image_features.shape[0], image_features.device)
-        class_sizes = self.class_partition.sizes
         image_features = image_features.to(self.proj_image.dtype)
+        class_protos, class_texts = self.prototypes(), self.class_text_features()
+        if local_classes is None:
+            class_sizes = self.class_partition.sizes
+        else:
+            class_protos, class_texts = class_protos[local_classes], class_texts[local_classes]
+            class_sizes = comm.sizes_of(local_classes.shape[0], image_features.device)
 
         images = image_features @ self.proj_image
-        protos = self.prototypes() @ self.proj_image
-        texts = self.class_text_features() @ self.proj_text
+        protos = class_protos @ self.proj_image
+        texts = class_texts @ self.proj_text
 
         def rows_of(img: torch.Tensor, pro: torch.Tensor) -> torch.Tensor:
             rows = comm.gather_rows(F.normalize(img, dim=-1), image_sizes)

@@ -164,10 +164,20 @@ def fit(
             lr = learning_rate(cfg.optim, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            classes = None
+            if cfg.train.class_sample_fraction > 0:
+                classes = sample_classes(
+                    cfg.train.seed,
+                    step,
+                    train.labels[indices],
+                    cfg.train.class_sample_fraction,
+                    train.num_classes,
+                    (head.class_start, head.class_stop),
+                ).to(device)
             torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101 + comm.rank)  # dropout
             head.train()
             with accelerator.autocast():
-                loss, parts = head.loss(features, labels, criterion)
+                loss, parts = head.loss(features, labels, criterion, classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sum_replicated_gradients(head)
@@ -218,6 +228,27 @@ def _loss_options(cfg: Config) -> dict[str, float]:
     if name == "class_balanced":
         return {"beta": cfg.loss.beta}
     return {}
+
+
+def sample_classes(
+    seed: int,
+    step: int,
+    batch_labels: np.ndarray,
+    fraction: float,
+    num_classes: int,
+    class_range: tuple[int, int],
+) -> torch.Tensor:
+    """Sampled mode's classes of this step within `class_range`: the batch's classes plus a
+    Bernoulli(`fraction`) draw of the rest. The draw covers all classes with a seed shared by
+    every rank, so the union over ranks does not depend on the rank count."""
+    if not 0.0 < fraction <= 1.0:
+        raise UserInputError(
+            f"train.class_sample_fraction={fraction} must be in (0, 1] (0 disables sampling)"
+        )
+    keep = np.random.default_rng([seed, step, 2]).random(num_classes) < fraction
+    keep[batch_labels] = True
+    start, stop = class_range
+    return torch.as_tensor(np.flatnonzero(keep[start:stop]) + start, dtype=torch.long)
 
 
 def _epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
