@@ -101,7 +101,7 @@ class CandleHead(nn.Module):
         local_protos = visual_prototypes[start : start + self.local_base]
         self.register_buffer("visual_prototypes", local_protos.clone())
         self.virtual_prototypes = nn.Parameter(
-            virtual[new_start - num_base : stop - num_base].clone()
+            virtual[new_start - num_base : max(stop, num_base) - num_base].clone()
         )
         self.proj_image = nn.Parameter(torch.eye(dim, dtype=text_features.dtype))
         self.proj_text = nn.Parameter(torch.eye(dim, dtype=text_features.dtype))

@@ -1,0 +1,135 @@
+"""The exported Candle classifier: plain tensors + one formula, batch-independent predictions.
+
+In the head's test forward, fusion runs over [batch images | prototypes | texts], so for every
+mask mode an image's scores depend on the other images of its batch (through the class tokens,
+which attend to image tokens, and, except in `in_visual`, directly). The export removes that
+dependence: the class tokens are fused once without any image ("a batch of zero"), their keys
+and values are cached, and each image token attends to itself plus the class tokens its mask
+mode allows. A prediction then depends on its own image only, and costs O(C x D).
+
+This module needs only torch: an exported classifier loads without the training code.
+
+    clf = ExportedClassifier.load("runs/x/final/classifier.pt")
+    scores = clf.scores(image_features)          # [N, C]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+FORMAT = "candle_dist.classifier/1"
+
+
+@torch.no_grad()
+def export_classifier(head, path: str | os.PathLike, classnames: list[str]) -> None:
+    """Write the batch-independent classifier of a one-process `CandleHead` (atomically)."""
+    head = head.eval()
+    num_heads = head.fusion.num_heads
+    protos = head.prototypes() @ head.proj_image
+    texts = head.class_text_features() @ head.proj_text
+    empty = protos.new_zeros(0, protos.shape[1])
+    _, fused_protos, fused_texts = head.fusion(empty, protos, texts)
+    normed = head.fusion.norm(torch.cat([protos, texts]))
+    _, k, v = F.linear(
+        normed, head.fusion.attn.in_proj_weight, head.fusion.attn.in_proj_bias
+    ).chunk(3, -1)
+    num_cls = protos.shape[0]
+    allowed = {
+        "none": (0, 2 * num_cls),
+        "in_visual": (num_cls, 2 * num_cls),
+        "in_text": (0, 2 * num_cls),
+        "between_visual_text": (0, num_cls),
+    }
+    lo, hi = allowed[head.fusion.mask]
+    state = {
+        "format": FORMAT,
+        "classnames": list(classnames),
+        "num_base_classes": head.num_base_classes,
+        "num_heads": num_heads,
+        "scale": head.scale,
+        "visual_scale": head.visual_scale,
+        "mask": head.fusion.mask,
+        "proj_image": head.proj_image.detach().cpu(),
+        "norm_weight": head.fusion.norm.weight.detach().cpu(),
+        "norm_bias": head.fusion.norm.bias.detach().cpu(),
+        "norm_eps": head.fusion.norm.eps,
+        "in_proj_weight": head.fusion.attn.in_proj_weight.detach().cpu(),
+        "in_proj_bias": head.fusion.attn.in_proj_bias.detach().cpu(),
+        "out_proj_weight": head.fusion.attn.out_proj.weight.detach().cpu(),
+        "out_proj_bias": head.fusion.attn.out_proj.bias.detach().cpu(),
+        "ratio": head.fusion.ratio.detach().cpu(),
+        "class_keys": k[lo:hi].cpu(),
+        "class_values": v[lo:hi].cpu(),
+        "text_columns": F.normalize(fused_texts, dim=-1).cpu(),
+        "proto_columns": F.normalize(fused_protos, dim=-1).cpu(),
+    }
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class ExportedClassifier:
+    """Scores = s * n(x') . n(T')^T + s_v * n(x') . n(P')^T with x' the fused image token."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        self.classnames: list[str] = list(state["classnames"])
+        self.num_base_classes = int(state["num_base_classes"])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> ExportedClassifier:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(
+                f"{path} is not an exported candle_dist classifier: export one with "
+                "`candle-dist predict --checkpoint RUN/final` or export_classifier()"
+            )
+        return cls(state)
+
+    @property
+    def dim(self) -> int:
+        return int(self.state["proj_image"].shape[0])
+
+    @torch.no_grad()
+    def scores(self, image_features: torch.Tensor, columns: str = "all") -> torch.Tensor:
+        """[N, C] scores (or the base / new column block); row i depends on image i only."""
+        st = self.state
+        x = image_features.to(st["proj_image"].dtype) @ st["proj_image"]
+        normed = F.layer_norm(x, x.shape[-1:], st["norm_weight"], st["norm_bias"], st["norm_eps"])
+        q, k_self, v_self = F.linear(normed, st["in_proj_weight"], st["in_proj_bias"]).chunk(3, -1)
+        heads = int(st["num_heads"])
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # [n, D] -> [H, n, d]
+            return t.reshape(t.shape[0], heads, -1).transpose(0, 1)
+
+        q, k_self, v_self = split(q), split(k_self), split(v_self)
+        keys, values = split(st["class_keys"]), split(st["class_values"])
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        own = (q * k_self).sum(-1, keepdim=True) * scale
+        weights = torch.softmax(torch.cat([own, q @ keys.transpose(1, 2) * scale], -1), -1)
+        attended = weights[..., :1] * v_self + weights[..., 1:] @ values
+        attended = attended.transpose(0, 1).reshape(x.shape)
+        fused = normed + st["ratio"] * F.linear(
+            attended, st["out_proj_weight"], st["out_proj_bias"]
+        )
+        rows = F.normalize(fused, dim=-1)
+        scores = st["scale"] * rows @ st["text_columns"].t()
+        scores = scores + st["scale"] * st["visual_scale"] * rows @ st["proto_columns"].t()
+        if columns == "base":
+            return scores[:, : self.num_base_classes]
+        if columns == "new":
+            return scores[:, self.num_base_classes :]
+        return scores
+
+    def topk(self, image_features: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        values, indices = self.scores(image_features).topk(min(k, len(self.classnames)), dim=-1)
+        return [
+            [(self.classnames[i], float(v)) for v, i in zip(vals, idx, strict=True)]
+            for vals, idx in zip(values.tolist(), indices.tolist(), strict=True)
+        ]

@@ -1,0 +1,116 @@
+"""The chunked, class-parallel cross-entropy against F.cross_entropy on the full dense logits.
+
+Values and gradients (rows, columns) with a per-row upstream gradient, in one process and with
+the columns split over P = 2, 3 gloo ranks; every rank owns some target classes, and the columns
+of classes without a prior carry a -inf bias (rows targeting them are excluded, as
+`LogitAdjustedLoss` does), one rank owning only such columns when P = 3.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from candle_dist.parallel.comm import ClassGroup
+from candle_dist.parallel.cross_entropy import class_parallel_cross_entropy
+from candle_dist.parallel.partition import Partition
+from tests.dist_utils import run_in_processes
+
+R, C, D, SCALE = 13, 11, 8, 7.5
+EXCLUDED = range(7, C)  # -inf bias: with P = 3 the last rank (classes 8..10) owns only these
+
+
+def _problem(excluded: bool):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(R, D, generator=g, dtype=torch.float64)
+    cols = torch.randn(C, D, generator=g, dtype=torch.float64)
+    bias = torch.randn(C, generator=g, dtype=torch.float64)
+    targets = torch.arange(R) % C  # every class is a target, so every rank owns some
+    upstream = torch.rand(R, generator=g, dtype=torch.float64) + 0.5
+    keep = torch.ones(R, dtype=torch.bool)
+    if excluded:
+        bias[list(EXCLUDED)] = -torch.inf
+        keep = bias[targets].isfinite()
+    return rows, cols, bias, targets, upstream, keep
+
+
+def _dense(excluded: bool):
+    """Per-row loss of the kept rows and d(sum upstream * loss)/d(rows, cols), all dense."""
+    rows, cols, bias, targets, upstream, keep = _problem(excluded)
+    rows.requires_grad_(True)
+    cols.requires_grad_(True)
+    logits = SCALE * rows @ cols.t() + bias
+    loss = F.cross_entropy(logits[keep], targets[keep], reduction="none")
+    (upstream[keep] * loss).sum().backward()
+    return loss.detach(), rows.grad, cols.grad
+
+
+def _chunked(comm: ClassGroup, excluded: bool, chunk_rows: int):
+    """The same through class_parallel_cross_entropy, holding this rank's columns only."""
+    rows, cols, bias, targets, upstream, keep = _problem(excluded)
+    start, stop = Partition(C, comm.world_size).range(comm.rank)
+    rows.requires_grad_(True)
+    local_cols = cols[start:stop].clone().requires_grad_(True)
+    per_row = class_parallel_cross_entropy(
+        rows,
+        local_cols,
+        SCALE,
+        bias[start:stop],
+        targets,
+        col_start=start,
+        comm=comm,
+        chunk_rows=chunk_rows,
+    )
+    (upstream[keep] * per_row[keep]).sum().backward()
+    return per_row.detach()[keep], rows.grad, local_cols.grad
+
+
+def _close(mine, ref, tol=1e-12):
+    assert mine.shape == ref.shape
+    assert torch.isfinite(mine).all()
+    err = (mine - ref).abs().max() / ref.abs().max()
+    assert err <= tol, f"relative error {err:.3g}"
+
+
+CASES = [(excluded, chunk) for excluded in (False, True) for chunk in (1, 4, R, 64)]
+
+
+@pytest.mark.parametrize(("excluded", "chunk_rows"), CASES)
+def test_single_process_matches_dense(excluded, chunk_rows):
+    loss, grad_rows, grad_cols = _chunked(ClassGroup(distributed=False), excluded, chunk_rows)
+    ref_loss, ref_rows, ref_cols = _dense(excluded)
+    _close(loss, ref_loss)
+    _close(grad_rows, ref_rows)
+    _close(grad_cols, ref_cols)
+
+
+def test_float32_matches_dense():
+    rows, cols, bias, targets, _, _ = _problem(False)
+    per_row = class_parallel_cross_entropy(
+        rows.float(), cols.float(), SCALE, bias.float(), targets, chunk_rows=4
+    )
+    ref = F.cross_entropy(SCALE * rows @ cols.t() + bias, targets, reduction="none")
+    _close(per_row.double(), ref, 1e-5)
+
+
+def _ranks_worker(rank: int, world_size: int) -> dict:
+    comm = ClassGroup()
+    assert (comm.rank, comm.world_size, comm.distributed) == (rank, world_size, True)
+    return {case: _chunked(comm, *case) for case in CASES}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_class_parallel_matches_dense(world_size):
+    results = run_in_processes(_ranks_worker, world_size)
+    for excluded, chunk_rows in CASES:
+        ref_loss, ref_rows, ref_cols = _dense(excluded)
+        grad_rows = torch.zeros_like(ref_rows)
+        for rank, result in enumerate(results):
+            loss, rank_grad_rows, grad_cols = result[(excluded, chunk_rows)]
+            _close(loss, ref_loss)  # every rank holds the full per-row loss
+            start, stop = Partition(C, world_size).range(rank)
+            if excluded and start >= EXCLUDED.start:  # only -inf columns: no gradient
+                assert torch.equal(grad_cols, torch.zeros_like(grad_cols))
+            else:
+                _close(grad_cols, ref_cols[start:stop])
+            grad_rows += rank_grad_rows  # each rank's share: its own columns' contribution
+        _close(grad_rows, ref_rows)
