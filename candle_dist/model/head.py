@@ -235,6 +235,17 @@ class CandleHead(nn.Module):
             return self.text_features
         return torch.cat([self.text_features[: self.local_base], self.virtual_prototypes.detach()])
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], **options) -> CandleHead:
+        """A head (one process unless `comm` is given) restored from a full state dict."""
+        head = cls(
+            text_features=state["text_features"],
+            visual_prototypes=state["visual_prototypes"],
+            **options,
+        )
+        head.load_full_state_dict(state)
+        return head
+
     # --------------------------------------------------------------- sharded checkpoints
     def class_sharded_ranges(self) -> dict[str, tuple[int, list[int]]]:
         """For each class-sharded tensor: its full length and every rank's row count."""

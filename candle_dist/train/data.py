@@ -29,6 +29,7 @@ class TrainingData:
     num_views: int = 0
     views: Any = None
     source: str = "memory"
+    clip: dict[str, Any] | None = None  # the CLIP that made the features (model, pretrained, ...)
 
     @property
     def num_classes(self) -> int:
@@ -78,10 +79,11 @@ def training_data_from_store(path: str) -> TrainingData:
         counts=np.asarray(store.counts, dtype=np.int64),
         num_base_classes=int(store.num_base_classes),
         classnames=list(store.classnames),
-        logit_scale=float(store.manifest.get("logit_scale", DEFAULT_LOGIT_SCALE)),
+        logit_scale=float(store.manifest.get("logit_scale") or DEFAULT_LOGIT_SCALE),
         num_views=int(store.num_views),
         views=store.views if store.num_views else None,
         source=str(path),
+        clip={k: store.manifest.get(k) for k in ("model", "pretrained", "model_config", "dim")},
     )
 
 

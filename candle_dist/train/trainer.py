@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from candle_dist.classifier import export_classifier
 from candle_dist.config import Config
 from candle_dist.errors import UserInputError
 from candle_dist.eval.metrics import MetricAccumulator, to_json
@@ -64,15 +65,8 @@ def build_head(cfg: Config, train: TrainingData, comm: ClassGroup) -> CandleHead
     return CandleHead(
         text_features=train.text_features,
         visual_prototypes=protos,
-        logit_scale=logit_scale,
-        visual_scale=cfg.head.visual_scale,
-        mask=cfg.head.mask,
-        virtual_init=cfg.head.virtual_init,
-        tie_virtual_to_text=cfg.head.tie_virtual_to_text,
-        num_heads=cfg.head.num_heads,
-        attn_dropout=cfg.head.attn_dropout,
         comm=comm,
-        chunk_rows=cfg.head.chunk_rows,
+        **head_options(cfg, logit_scale),
     )
 
 
@@ -290,7 +284,22 @@ def evaluate(
     return acc.compute()
 
 
+def head_options(cfg: Config, logit_scale: float) -> dict[str, Any]:
+    """CandleHead keyword arguments of a config (without the class tensors)."""
+    return {
+        "logit_scale": logit_scale,
+        "visual_scale": cfg.head.visual_scale,
+        "mask": cfg.head.mask,
+        "virtual_init": cfg.head.virtual_init,
+        "tie_virtual_to_text": cfg.head.tie_virtual_to_text,
+        "num_heads": cfg.head.num_heads,
+        "attn_dropout": cfg.head.attn_dropout,
+        "chunk_rows": cfg.head.chunk_rows,
+    }
+
+
 def _finish(cfg, head, train, val, output: Path, device) -> dict[str, Any]:
+    """Final export (head.pt, head_meta.json, classifier.pt) and evaluation."""
     results: dict[str, Any] = {}
     full = head.full_state_dict()
     if head.comm.rank == 0:
@@ -299,14 +308,20 @@ def _finish(cfg, head, train, val, output: Path, device) -> dict[str, Any]:
         tmp = final / "head.pt.tmp"
         torch.save(full, tmp)
         os.replace(tmp, final / "head.pt")
+        options = head_options(cfg, math.log(head.scale))
         meta = {
             "classnames": train.classnames,
             "num_base_classes": train.num_base_classes,
             "counts": [int(c) for c in train.counts],
-            "logit_scale": math.log(head.scale),
-            "head": cfg.to_dict()["head"],
+            "head_options": options,
+            "clip": train.clip,
+            "train_source": train.source,
         }
-        (final / "head_meta.json").write_text(json.dumps(meta))
+        tmp = final / "head_meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, final / "head_meta.json")
+        single = CandleHead.from_state_dict(full, **options)
+        export_classifier(single, final / "classifier.pt", train.classnames)
     if val is not None:
         metrics = evaluate(head, val, train, cfg.train.eval_batch_size, device)
         results["eval"] = metrics
