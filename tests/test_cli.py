@@ -1,0 +1,96 @@
+"""The train and eval subcommands on feature stores, and their one-line errors on bad input."""
+
+import json
+
+import pytest
+import torch
+
+from candle_dist.cli import main
+from candle_dist.data.synthetic_features import make_synthetic_features
+from candle_dist.features.store import FeatureStore
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    s = make_synthetic_features(30, 32, imbalance_ratio=10, max_count=40, num_new=6, seed=2)
+    common = dict(
+        text_features=s.text_features.numpy(),
+        classnames=s.classnames,
+        num_base_classes=s.num_base_classes,
+    )
+    FeatureStore.from_arrays(
+        root / "train",
+        s.train_features.numpy(),
+        s.train_labels.numpy(),
+        None,
+        counts=s.counts.numpy(),
+        **common,
+    )
+    FeatureStore.from_arrays(
+        root / "val", s.val_features.numpy(), s.val_labels.numpy(), None, counts=None, **common
+    )
+    return root
+
+
+def test_train_then_eval(stores, tmp_path, capsys):
+    torch.set_num_threads(2)
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            f"data.train={stores / 'train'}",
+            f"data.val={stores / 'val'}",
+            f"train.output={run}",
+            "optim.epochs=2",
+            "head.num_heads=4",
+        ]
+    )
+    assert code == 0
+    assert "top1" in capsys.readouterr().out
+    for name in ("head.pt", "head_meta.json", "classifier.pt"):
+        assert (run / "final" / name).exists()
+    for exported in ([], ["--exported"]):
+        out = tmp_path / f"eval{len(exported)}"
+        code = main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run / "final"),
+                "--features",
+                str(stores / "val"),
+                "--output",
+                str(out),
+                *exported,
+            ]
+        )
+        assert code == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert 0.0 <= metrics["top1"] <= 1.0 and metrics["new"] is not None
+        assert (out / "per_class_accuracy.png").exists()
+    training = json.loads((run / "eval.json").read_text())
+    evaluated = json.loads((tmp_path / "eval0" / "metrics.json").read_text())
+    assert training["top1"] == pytest.approx(evaluated["top1"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "data.train=/nonexistent/store"],
+        ["train", "optim.learning_rate=0.1"],
+        ["eval", "--checkpoint", "/nonexistent", "--features", "/nonexistent"],
+    ],
+)
+def test_bad_input_is_one_error_line(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("candle-dist ") and "error:" in err[0]
+
+
+def test_eval_with_a_foreign_checkpoint(stores, tmp_path, capsys):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "head_meta.json").write_text("{}")
+    torch.save({"x": torch.zeros(1)}, final / "head.pt")
+    assert main(["eval", "--checkpoint", str(final), "--features", str(stores / "val")]) == 2
+    assert "not a valid candle_dist checkpoint" in capsys.readouterr().err
