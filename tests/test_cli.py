@@ -94,3 +94,56 @@ def test_eval_with_a_foreign_checkpoint(stores, tmp_path, capsys):
     torch.save({"x": torch.zeros(1)}, final / "head.pt")
     assert main(["eval", "--checkpoint", str(final), "--features", str(stores / "val")]) == 2
     assert "not a valid candle_dist checkpoint" in capsys.readouterr().err
+
+
+def test_predict_on_features_matches_the_exported_classifier(stores, tmp_path, capsys):
+    import numpy as np
+
+    from candle_dist.classifier import ExportedClassifier
+    from candle_dist.features.store import FeatureStore as Store
+
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                f"data.train={stores / 'train'}",
+                f"train.output={run}",
+                "optim.epochs=1",
+                "head.num_heads=4",
+            ]
+        )
+        == 0
+    )
+    val = Store(stores / "val")
+    feats = np.asarray(val.features[:7], dtype=np.float32)
+    np.save(tmp_path / "feats.npy", feats)
+    out = tmp_path / "pred.jsonl"
+    args = ["predict", "--checkpoint", str(run / "final"), "--top-k", "3", "--output", str(out)]
+    assert main([*args, str(tmp_path / "feats.npy"), str(stores / "val")]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 7 + len(val)
+    clf = ExportedClassifier.load(run / "final" / "classifier.pt")
+    expected = clf.topk(torch.as_tensor(feats), 3)
+    for record, top in zip(lines[:7], expected, strict=True):
+        assert [t["class"] for t in record["topk"]] == [c for c, _ in top]
+    assert lines[7]["topk"][0]["class"] in val.classnames
+
+
+@pytest.mark.parametrize("inputs", [["/nonexistent.npy"], ["/nonexistent/folder"]])
+def test_predict_bad_input_is_one_error_line(stores, tmp_path, inputs, capsys):
+    run = tmp_path / "run"
+    main(
+        [
+            "train",
+            f"data.train={stores / 'train'}",
+            f"train.output={run}",
+            "optim.epochs=1",
+            "head.num_heads=4",
+        ]
+    )
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run / "final"), *inputs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert main(["predict", "--checkpoint", str(tmp_path), "x.npy"]) == 2
