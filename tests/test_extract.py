@@ -1,0 +1,272 @@
+"""`candle-dist extract`: rank/worker splits, kill -9 resume, damaged inputs, store identity."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import signal
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from candle_dist import cli
+from candle_dist.errors import UserInputError
+from candle_dist.features.clip_loading import load_clip
+from candle_dist.features.extract import distributed_env, extract
+from candle_dist.features.prompts import encode_classnames
+from candle_dist.features.store import FeatureStore
+from candle_dist.features.transforms import ImagePreprocessor, PreprocessSpec
+from tests.data_helpers import (
+    jpeg_bytes,
+    shard_spec,
+    store_rows,
+    tiny_model_config,
+    write_jpeg_shards,
+)
+from tests.dist_utils import run_in_processes
+
+NUM_SHARDS, PER_SHARD = 6, 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a busy machine: one thread avoids OpenMP stalls (100x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """Six shards of random JPEGs and the store one process (two loader workers) makes of them."""
+    root = tmp_path_factory.mktemp("extract")
+    write_jpeg_shards(root / "shards", NUM_SHARDS, PER_SHARD, num_classes=6, num_base=5)
+    config = tiny_model_config(root)
+    spec = shard_spec(root / "shards", NUM_SHARDS)
+    extract(spec, root / "ref", model_config=config, batch_size=4, workers=2, progress=False)
+    return {"root": root, "spec": spec, "config": config, "ref": root / "ref"}
+
+
+def _assert_same_rows(store: Path, reference: Path) -> None:
+    rows, ref = store_rows(store), store_rows(reference)
+    assert sorted(rows) == sorted(ref)
+    for key, (label, feature) in ref.items():
+        assert rows[key][0] == label
+        np.testing.assert_allclose(rows[key][1], feature, rtol=1e-3, atol=2e-3)
+
+
+def test_reference_store_matches_direct_encoding(data):
+    store = FeatureStore(data["ref"])
+    assert len(store) == NUM_SHARDS * PER_SHARD and store.num_views == 0
+    assert store.num_base_classes == 5 and store.counts.tolist() == [6, 6, 6, 6, 6, 0]
+    assert store.manifest["num_skipped"] == 0 and len(store.manifest["shards"]) == NUM_SHARDS
+    # "none" weights come from a fixed seed, so this is the model extract used.
+    model, preprocess, tokenizer = load_clip("", "none", data["config"])
+    with tarfile.open(data["root"] / "shards" / "train-000002.tar") as tar:
+        member = tar.extractfile("train_000012.jpg").read()
+    image = preprocess(Image.open(io.BytesIO(member)).convert("RGB")).unsqueeze(0)
+    with torch.inference_mode():
+        expected = model.encode_image(image)[0].numpy()
+    row = store.keys.index("train_000012")
+    np.testing.assert_allclose(store.features[row], expected, rtol=1e-2, atol=2e-3)
+    text = encode_classnames(model, tokenizer, store.classnames, ["a photo of a {}."], 4)
+    np.testing.assert_allclose(store.text_features, text.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_path_loads_those_weights(data):
+    model, _, _ = load_clip("", "none", data["config"])
+    state = {k: v + 0.01 for k, v in model.state_dict().items()}
+    torch.save(state, data["root"] / "tiny.pt")
+    loaded, _, _ = load_clip("", str(data["root"] / "tiny.pt"), data["config"])
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+
+
+def _extract_rank(rank: int, world_size: int, spec: str, output: str, config: str) -> dict:
+    return extract(spec, output, model_config=config, batch_size=4, workers=0, progress=False)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_multi_process_equals_one_process(data, world_size, tmp_path):
+    out = tmp_path / "store"
+    stats = run_in_processes(_extract_rank, world_size, data["spec"], str(out), str(data["config"]))
+    assert sum(s["shards_done"] for s in stats) == NUM_SHARDS
+    assert all(s["finalized"] for s in stats)
+    _assert_same_rows(out, data["ref"])
+
+
+def test_slurm_tasks_without_process_group_finalize_by_files(data, tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    finalized = []
+    for rank in (1, 0):  # the last task to finish writes the store
+        monkeypatch.setenv("SLURM_PROCID", str(rank))
+        stats = extract(data["spec"], out, model_config=data["config"], progress=False)
+        assert stats["shards_done"] == NUM_SHARDS // 2
+        finalized.append(stats["finalized"])
+    assert finalized == [False, True]
+    _assert_same_rows(out, data["ref"])
+
+
+def _extract_single_thread(spec: str, output: str, config: str) -> None:
+    torch.set_num_threads(1)
+    extract(spec, output, model_config=config, batch_size=1, workers=0, progress=False)
+
+
+def test_kill_then_resume_equals_uninterrupted(data, tmp_path):
+    out = tmp_path / "store"
+    # A forked child inherits the imports, so it starts at once; kill -9 it after one shard.
+    args = (data["spec"], str(out), str(data["config"]))
+    child = multiprocessing.get_context("fork").Process(target=_extract_single_thread, args=args)
+    child.start()
+    records = out / "shards"
+    deadline = time.monotonic() + 120
+    while not list(records.glob("*.json")) and child.is_alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    done = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert 0 < len(done) < NUM_SHARDS, "the run was not killed mid-way"
+    assert not (out / "manifest.json").exists()
+    stats = extract(*args[:2], model_config=args[2], batch_size=3, workers=1, progress=False)
+    assert stats["shards_done"] == NUM_SHARDS - len(done) and stats["finalized"]
+    for name, mtime in done.items():
+        assert (records / name).stat().st_mtime_ns == mtime  # finished shards not redone
+    assert not list(records.glob(".*tmp*"))
+    _assert_same_rows(out, data["ref"])
+
+
+def _damaged_shards(folder: Path) -> str:
+    """Shard 0: good samples plus a corrupt JPEG, a missing and a bad label; shard 1 truncated."""
+    from candle_dist.data.shards import write_shard
+
+    rng = np.random.default_rng(1)
+    good = jpeg_bytes(rng)
+    samples = [
+        {"__key__": "ok_0", "jpg": good, "cls": "0"},
+        {"__key__": "corrupt", "jpg": good[:200] + bytes(300), "cls": "1"},
+        {"__key__": "nolabel", "jpg": good},
+        {"__key__": "badlabel", "jpg": good, "cls": "9"},
+        {"__key__": "ok_1", "jpg": jpeg_bytes(rng), "cls": "1"},
+    ]
+    write_shard(folder / "train-000000.tar", samples)
+    whole = folder / "whole.tar"
+    write_shard(
+        whole, [{"__key__": f"t_{i}", "jpg": jpeg_bytes(rng), "cls": "2"} for i in range(4)]
+    )
+    data = whole.read_bytes()
+    with tarfile.open(whole) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "t_2.jpg").offset_data + 100
+    (folder / "train-000001.tar").write_bytes(data[:cut])
+    whole.unlink()
+    (folder / "classnames.txt").write_text("a\nb\nc\n")
+    return f"{folder}/train-{{000000..000001}}.tar"
+
+
+def test_damaged_samples_are_skipped_and_listed(data, tmp_path):
+    spec = _damaged_shards(tmp_path)
+    store = FeatureStore(
+        extract(spec, tmp_path / "s", model_config=data["config"], progress=False)["store"]
+    )
+    assert sorted(store.keys) == ["ok_0", "ok_1", "t_0", "t_1"]
+    skipped = {item["key"]: item for item in store.manifest["skipped"]}
+    assert set(skipped) == {"corrupt", "nolabel", "badlabel", "t_2"}
+    assert store.manifest["num_skipped"] == 4
+    assert "corrupt image" in skipped["corrupt"]["reason"]
+    assert "missing cls" in skipped["nolabel"]["reason"]
+    assert "outside the 3 class names" in skipped["badlabel"]["reason"]
+    assert "truncated tar" in skipped["t_2"]["reason"]
+    assert skipped["t_2"]["shard"] == "train-000001"
+    assert store.counts.tolist() == [1, 1, 2]
+
+
+def test_strict_stops_naming_shard_and_key(data, tmp_path, capsys):
+    spec = _damaged_shards(tmp_path)
+    with pytest.raises(UserInputError, match=r"train-000000\.tar: sample corrupt: corrupt image"):
+        extract(spec, tmp_path / "s", model_config=data["config"], strict=True, progress=False)
+    command = ["extract", "--shards", spec, "--output", str(tmp_path / "cli"), "--strict"]
+    assert cli.main([*command, "--model-config", str(data["config"])]) == 2
+    assert "sample corrupt: corrupt image" in capsys.readouterr().err
+
+
+def test_other_model_into_existing_store_is_refused(data, tmp_path):
+    other = tiny_model_config(tmp_path, "dataplane-tiny-wide", embed_dim=48)
+    with pytest.raises(UserInputError, match=r"another extraction.*dim 32 != 48"):
+        extract(data["spec"], data["ref"], model_config=other, progress=False)
+
+
+def test_views_are_stored_and_reproducible(data, tmp_path):
+    spec = shard_spec(data["root"] / "shards", 2)
+    first = extract(spec, tmp_path / "a", model_config=data["config"], views=2, progress=False)
+    store = FeatureStore(first["store"])
+    assert store.num_views == 2 and len(store) == 2 * PER_SHARD
+    pick = store.views(np.arange(len(store)), np.arange(len(store)) % 2)
+    assert pick.shape == (len(store), store.dim)
+    assert not np.allclose(store.views(np.arange(3), 0), store.features[:3])
+    again = extract(
+        spec,
+        tmp_path / "b",
+        model_config=data["config"],
+        views=2,
+        workers=0,
+        batch_size=3,
+        progress=False,
+    )
+    np.testing.assert_allclose(
+        FeatureStore(again["store"]).views(np.arange(len(store)), 1),
+        store.views(np.arange(len(store)), 1),
+        atol=2e-3,
+    )
+
+
+def test_distributed_env_reads_torchrun_slurm_or_nothing():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    env = distributed_env(torchrun)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 8, 1, 4)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}
+    env = distributed_env({**slurm, "SLURM_NTASKS_PER_NODE": "3(x2)"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 6, 2, 3)
+    assert distributed_env({}).world_size == 1
+
+
+def test_fast_preprocess_matches_open_clip():
+    spec = PreprocessSpec((224, 224), (0.48, 0.45, 0.40), (0.27, 0.26, 0.28))
+    reference = spec.open_clip_transform()
+    rng = np.random.default_rng(0)
+    for width, height in [(800, 600), (533, 801), (150, 100)]:
+        for fmt in ("PNG", "JPEG"):
+            data = jpeg_bytes(rng, width, height)
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            buffer = io.BytesIO()
+            image.save(buffer, format=fmt, quality=90)
+            ours = ImagePreprocessor(spec)(buffer.getvalue())[0]
+            plain = reference(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+            cosine = torch.nn.functional.cosine_similarity(ours.flatten(), plain.flatten(), 0)
+            if fmt == "PNG":  # no reduced decode: open_clip's result up to one grey level
+                assert (ours - plain).abs().max() < 0.02
+            assert cosine > 0.99
+
+
+def test_bad_pretrained_and_templates_are_user_errors(data):
+    with pytest.raises(UserInputError, match="neither a checkpoint file nor an open_clip tag"):
+        load_clip("", "no-such-tag", data["config"])
+    with pytest.raises(UserInputError, match="exactly one"):
+        extract(data["spec"], data["ref"], model_config=data["config"], templates=["no slot"])
+
+
+def test_manifest_records_checksums(data):
+    manifest = json.loads((data["ref"] / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        assert len(shard["sha256"]) == 64 and len(shard["input_sha256"]) == 64
