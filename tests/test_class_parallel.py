@@ -21,7 +21,8 @@ from candle_dist.model.losses import CompensatingLogitAdjustedLoss
 from candle_dist.parallel.comm import ClassGroup
 from candle_dist.parallel.partition import Partition
 from candle_dist.train.data import training_data_from_synthetic
-from candle_dist.train.trainer import fit, predict_scores, sum_replicated_gradients
+from candle_dist.train.optimizer import sum_replicated_gradients
+from candle_dist.train.trainer import fit, predict_scores
 from tests.dist_utils import run_in_processes
 
 MASKS = ["none", "in_visual", "in_text", "between_visual_text"]

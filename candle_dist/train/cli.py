@@ -4,6 +4,8 @@ Example:
   candle-dist train --config configs/demo.yaml train.output=runs/demo optim.epochs=5
   accelerate launch --multi_gpu --num_processes 8 -m candle_dist.cli train \\
       --config configs/inat2018.yaml --resume
+  accelerate launch --config_file launch/deepspeed_zero2.yaml --num_processes 8 \\
+      -m candle_dist.cli train --config configs/inat2018.yaml --resume
 
 Overrides are dotted `section.key=value` pairs (see configs/*.yaml for the sections). With
 --resume the run continues from the newest checkpoint in train.output (if any), with any number
@@ -42,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     except Preempted as stop:
         print(f"candle-dist train: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    if "eval" in results:
+    if "eval" in results and results.get("rank", 0) == 0:
         m = results["eval"]
         print(
             f"top1 {m['top1']:.4f}  base {m['base']}  new {m['new']}  hm {m['hm']}  "

@@ -2,9 +2,13 @@
 
 Every rank draws the same global batch (same seed) and keeps its contiguous share of it, so a
 run with P ranks sees exactly the batches of a one-rank run. Replicated parameters (projections,
-fusion) have their gradients summed across ranks by hand: each rank's loss is the global loss,
-and its gradient holds only the contributions of its own rows and classes. DDP (which averages)
-is therefore not used; Accelerate provides the process group, device and autocast.
+fusion) have their gradients summed across ranks: each rank's loss is the global loss, and its
+gradient holds only the contributions of its own rows and classes. DDP (which averages) is
+therefore not used; Accelerate provides the process group, device and autocast.
+
+Under `accelerate launch` with a DeepSpeed config (launch/deepspeed_zero2.yaml), DeepSpeed
+ZeRO-1/2 holds the replicated parameters' optimizer state, sharded over ranks, and reduces their
+gradients; the class-sharded parameters keep a local SGD. Both give the same steps.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from candle_dist.classifier import export_classifier
@@ -31,6 +36,7 @@ from candle_dist.parallel.comm import ClassGroup
 from candle_dist.parallel.partition import Partition
 from candle_dist.train import checkpoint as ckpt
 from candle_dist.train.data import EvalData, TrainingData, validate
+from candle_dist.train.optimizer import HeadSGD, build_optimizer, skip_deepspeed_shm_build
 from candle_dist.train.prototypes import class_means
 from candle_dist.train.schedule import learning_rate
 
@@ -47,13 +53,20 @@ def make_accelerator(precision: str = "auto"):
 
     cuda = torch.cuda.is_available()
     mixed = "bf16" if cuda and precision in ("auto", "bf16") else "no"
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed:
+        skip_deepspeed_shm_build()
+    # cpu=True is how Accelerate sets up gloo ranks without GPUs, but it also turns DeepSpeed off;
+    # DeepSpeed sets up its own group (gloo on CPU).
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision=mixed)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes != launched:
+    # Under DeepSpeed on CPU, Accelerate reports one process whatever the group: ask torch.
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    if launched > 1 and ranks != launched:
         raise UserInputError(
-            f"launched with WORLD_SIZE={launched} but Accelerate set up "
-            f"{accelerator.num_processes} process(es); on machines without GPUs launch with "
-            "`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`"
+            f"launched with WORLD_SIZE={launched} but Accelerate set up {ranks} process(es); "
+            "on machines without GPUs launch with `accelerate launch --multi_gpu "
+            "--num_processes N`, `torchrun --nproc_per_node N` or a DeepSpeed config"
         )
     return accelerator
 
@@ -68,20 +81,6 @@ def build_head(cfg: Config, train: TrainingData, comm: ClassGroup) -> CandleHead
         comm=comm,
         **head_options(cfg, logit_scale),
     )
-
-
-def sum_replicated_gradients(head: CandleHead) -> None:
-    """All-reduce (sum) the gradients of parameters every rank holds in full, in one bucket."""
-    if not head.comm.distributed:
-        return
-    sharded = head.class_sharded_ranges()
-    grads = [p.grad for n, p in head.named_parameters() if n not in sharded and p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    head.comm.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 class _StopFlag:
@@ -123,21 +122,18 @@ def fit(
 
     head = build_head(cfg, train, comm).to(device)
     criterion = build_loss(cfg.loss.name, train.counts, **_loss_options(cfg)).to(device)
-    optimizer = torch.optim.SGD(
-        head.parameters(),
-        lr=cfg.optim.lr,
-        momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay,
-    )
     num_samples = len(train.labels)
     batch = cfg.optim.batch_size
     steps_per_epoch = math.ceil(num_samples / batch)
     total_steps = cfg.optim.epochs * steps_per_epoch
-    step = 0
+    step, momentum = 0, {}
     if resume and (latest := ckpt.latest_checkpoint(ckpt_dir)) is not None:
-        step = int(ckpt.load_checkpoint(latest, head, optimizer).get("step", 0))
+        trainer_state, momentum = ckpt.load_checkpoint(latest, head)
+        step = int(trainer_state.get("step", 0))
         if is_main:
             print(f"resumed from {latest} at step {step}", flush=True)
+    optimizer, autocast = build_optimizer(head, cfg, accelerator)  # after loading: DeepSpeed copies
+    optimizer.load_momentum(momentum)
 
     stop = _StopFlag()
     log = open(output / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
@@ -156,8 +152,7 @@ def fit(
             labels = torch.as_tensor(train.labels[local], dtype=torch.long, device=device)
 
             lr = learning_rate(cfg.optim, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.set_lr(lr)
             classes = None
             if cfg.train.class_sample_fraction > 0:
                 classes = sample_classes(
@@ -170,12 +165,9 @@ def fit(
                 ).to(device)
             torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101 + comm.rank)  # dropout
             head.train()
-            with accelerator.autocast():
+            with autocast():
                 loss, parts = head.loss(features, labels, criterion, classes)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sum_replicated_gradients(head)
-            optimizer.step()
+            optimizer.backward_and_step(loss)
             step += 1
             progress.update(1)
 
@@ -201,16 +193,16 @@ def fit(
         if log is not None:
             log.close()
 
-    results: dict[str, Any] = {"steps": step}
+    results: dict[str, Any] = {"steps": step, "rank": comm.rank}
     if step >= total_steps:
         results.update(_finish(cfg, head, train, val, output, device))
     return results
 
 
-def _save(ckpt_dir: Path, head, optimizer, step: int, epoch: int, cfg: Config) -> None:
+def _save(ckpt_dir: Path, head, optimizer: HeadSGD, step: int, epoch: int, cfg: Config) -> None:
     state = {"step": step, "epoch": epoch, "world_size": head.comm.world_size}
     state["config"] = cfg.to_dict()
-    ckpt.save_checkpoint(ckpt_dir, head, optimizer, state)
+    ckpt.save_checkpoint(ckpt_dir, head, optimizer.momentum(), state)
 
 
 def _loss_options(cfg: Config) -> dict[str, float]:
