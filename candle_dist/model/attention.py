@@ -54,6 +54,19 @@ def attention(
     return torch.cat(outputs, dim=1)
 
 
+def keep_mask(shape: torch.Size, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """Attention-dropout keep mask: True with probability 1 - p (p rounded to 1/65536).
+
+    Four 16-bit lanes per 64-bit random integer: about 6x faster than `bernoulli_` on CPU, which
+    matters because the weights are [heads, queries, keys] and the mask is drawn twice (forward
+    and its recomputation in backward, from the same restored RNG state).
+    """
+    count = math.prod(shape)
+    bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+    lanes = bits.random_(-(2**63), 2**63 - 1).view(torch.int16)[:count].view(shape)
+    return lanes >= round(dropout_p * 65536) - 32768  # P(keep) = 1 - round(65536 p) / 65536
+
+
 def _chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,8 +81,10 @@ def _chunk_attention(
         own_score = (q * self_k).sum(-1, keepdim=True) * scale
         scores = torch.cat([own_score, scores], dim=-1)
     weights = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+    if dropout_p > 0.0:  # drop weights; rescale the (much smaller) output instead of them
+        weights = weights.masked_fill(~keep_mask(weights.shape, dropout_p, weights.device), 0.0)
     if self_k is None:
-        return torch.bmm(weights, v)
-    return torch.baddbmm(weights[..., :1] * self_v, weights[..., 1:], v)
+        out = torch.bmm(weights, v)
+    else:
+        out = torch.baddbmm(weights[..., :1] * self_v, weights[..., 1:], v)
+    return out * (65536.0 / (65536 - round(dropout_p * 65536))) if dropout_p > 0.0 else out
