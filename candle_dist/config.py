@@ -38,6 +38,7 @@ class ClipConfig:
     pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none"
     model_config: str | None = None
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    class_info: str | None = None  # TSV of per-class fields for {field} in templates
     batch_size: int = 256
     workers: int = 8
     views: int = 0  # augmented views per training image (0 = none)

@@ -58,6 +58,8 @@ def extract_argv(cfg: Config, split: str) -> list[str]:
         argv += ["--model-config", clip.model_config]
     if cfg.data.classnames:
         argv += ["--classnames", cfg.data.classnames]
+    if cfg.clip.class_info:
+        argv += ["--class-info", cfg.clip.class_info]
     if split == "train" and clip.views:
         argv += ["--views", str(clip.views)]
     return argv

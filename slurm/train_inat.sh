@@ -162,6 +162,7 @@ values = {
     "TRAIN_STORE": cfg.data.train,
     "VAL_STORE": cfg.data.val,
     "CLASSNAMES": cfg.data.classnames,
+    "CLASS_INFO": cfg.clip.class_info,
     "MODEL": cfg.clip.name,
     "PRETRAINED": cfg.clip.pretrained,
     "MODEL_CONFIG": cfg.clip.model_config,
@@ -259,6 +260,7 @@ extract_split() { # $1 split (train|eval)  $2 shards  $3 store
     --workers "$WORKERS" --split "$split" --templates "${TEMPLATES[@]}")
   if [[ -n $MODEL_CONFIG ]]; then cmd+=(--model-config "$MODEL_CONFIG"); fi
   if [[ -n $CLASSNAMES ]]; then cmd+=(--classnames "$CLASSNAMES"); fi
+  if [[ -n $CLASS_INFO ]]; then cmd+=(--class-info "$CLASS_INFO"); fi
   if [[ $split == train && $VIEWS != 0 ]]; then cmd+=(--views "$VIEWS"); fi
   step srun --nodes="$NNODES" --ntasks="$WORLD_SIZE" --ntasks-per-node="$GPUS_PER_NODE" \
     --cpus-per-task="$CPUS_PER_GPU" --kill-on-bad-exit=1 "${cmd[@]}" || return $?

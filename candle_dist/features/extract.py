@@ -47,7 +47,12 @@ from candle_dist.data.shards import (
 )
 from candle_dist.errors import UserInputError
 from candle_dist.features.clip_loading import load_clip
-from candle_dist.features.prompts import check_templates, encode_classnames
+from candle_dist.features.prompts import (
+    check_templates,
+    encode_classnames,
+    fill_template,
+    read_class_info,
+)
 from candle_dist.features.store import (
     DTYPES,
     MANIFEST,
@@ -340,6 +345,7 @@ def extract(
     classnames: str | Path | None = None,
     counts: str | Path | None = None,
     templates: Sequence[str] | None = None,
+    class_info: str | Path | None = None,
     views: int = 0,
     batch_size: int = 64,
     workers: int | None = None,
@@ -365,6 +371,9 @@ def extract(
         raise UserInputError(f"--split {split!r}: choose auto, train or eval")
     templates = check_templates(templates)
     plan = _plan(shards, output, classnames, counts, split)
+    info = read_class_info(class_info, len(plan.classnames)) if class_info else None
+    for template in templates:  # a missing field fails now, not after hours of encoding
+        fill_template(template, plan.classnames[0], info[0] if info else None)
     env = distributed_env()
     dev = resolve_device(device, env)
     model = model or (Path(model_config).stem if model_config else "ViT-B-32")
@@ -405,13 +414,13 @@ def extract(
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
             if dist.get_rank() == 0:
-                _finalize(plan, clip, tokenizer, templates, identity, dev)
+                _finalize(plan, clip, tokenizer, templates, info, identity, dev)
             dist.barrier()
             stats["finalized"] = True
         else:
             pending = [n for n in plan.names if read_part_record(plan.output, n) is None]
             if not pending:
-                _finalize(plan, clip, tokenizer, templates, identity, dev)
+                _finalize(plan, clip, tokenizer, templates, info, identity, dev)
             stats["finalized"] = not pending
         say(_summary(stats), file=sys.stderr)
         return stats
@@ -506,9 +515,11 @@ def _write_shard(plan: _Plan, batch: dict, buffer: _ShardBuffer, run: _Settings)
     )
 
 
-def _finalize(plan: _Plan, clip, tokenizer, templates, identity: dict, dev) -> None:
+def _finalize(plan: _Plan, clip, tokenizer, templates, info, identity: dict, dev) -> None:
     """Text features, labels, keys, counts and, last, the manifest."""
-    text = encode_classnames(clip, tokenizer, plan.classnames, templates, device=dev)
+    text = encode_classnames(
+        clip, tokenizer, plan.classnames, templates, device=dev, class_info=info
+    )
     finalize_store(
         plan.output,
         plan.names,
@@ -553,7 +564,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classnames", help="class names file (default: beside the shards)")
     parser.add_argument("--counts", help="training counts.tsv (default: beside the shards)")
     parser.add_argument(
-        "--templates", nargs="+", help="prompt templates with {} (default 'a photo of a {}.')"
+        "--templates",
+        nargs="+",
+        help="prompt templates: {} = class name, {field} = a --class-info column "
+        "(default 'a photo of a {}.')",
+    )
+    parser.add_argument(
+        "--class-info", help="TSV with a header, one row per class: fields for the templates"
     )
     parser.add_argument("--views", type=int, default=0, help="augmented views per image")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward pass")
@@ -582,6 +599,7 @@ def main(args: argparse.Namespace) -> int:
         classnames=args.classnames,
         counts=args.counts,
         templates=args.templates,
+        class_info=args.class_info,
         views=args.views,
         batch_size=args.batch_size,
         workers=args.workers,

@@ -1,18 +1,62 @@
 """Class-name prompts and their text features (DESIGN.md §2: templates average unnormalized).
 
+A template holds `{}` for the class name and may name per-class fields such as `{genus}` or
+`{supercategory}`, filled from a class-info table (`read_class_info`), e.g.
+"a photo of a {}, a kind of {family}." for iNaturalist's taxonomy.
+
 Example:
     text = encode_classnames(model, tokenizer, ["red circle", "blue star"], DEFAULT_TEMPLATES)
 """
 
 from __future__ import annotations
 
+import csv
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from candle_dist.errors import UserInputError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+FIELD = re.compile(r"\{(\w+)\}")
+
+
+def read_class_info(path: str | Path, num_classes: int) -> list[dict[str, str]]:
+    """Per-class fields from a TSV with a header row, one row per class in class-id order
+    (an `id` column, if present, must count 0, 1, 2, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"--class-info {path}: file not found (a TSV with a header row)")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if len(rows) != num_classes:
+        raise UserInputError(
+            f"--class-info {path}: {len(rows)} rows but {num_classes} classes; one row per class, "
+            "in class-id order"
+        )
+    for index, row in enumerate(rows):
+        if "id" in row and str(row["id"]).strip() != str(index):
+            raise UserInputError(
+                f"--class-info {path}: row {index + 2} has id {row['id']!r}, expected {index}"
+            )
+    return rows
+
+
+def fill_template(template: str, name: str, info: dict[str, str] | None, where: str = "") -> str:
+    """The prompt of one class: `{}` -> its name, `{field}` -> its class-info value."""
+
+    def field(match: re.Match) -> str:
+        key = match.group(1)
+        if info is None or key not in info:
+            known = ", ".join(sorted(info)) if info else "none (pass --class-info)"
+            raise UserInputError(
+                f"--templates {template!r}: no class-info field {key!r}{where}; fields: {known}"
+            )
+        return info[key]
+
+    return FIELD.sub(field, template).replace("{}", name)
 
 
 def check_templates(templates: Sequence[str] | None) -> list[str]:
@@ -34,6 +78,7 @@ def encode_classnames(
     templates: Sequence[str],
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    class_info: Sequence[dict[str, str]] | None = None,
 ) -> torch.Tensor:
     """Text features [C, D] float32: per class, the mean over templates of the raw text output."""
     templates = check_templates(templates)
@@ -44,7 +89,10 @@ def encode_classnames(
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
         for template in templates:
-            prompts = [template.replace("{}", name) for name in classnames]
+            prompts = [
+                fill_template(template, name, class_info[i] if class_info else None)
+                for i, name in enumerate(classnames)
+            ]
             for start in range(0, len(prompts), batch_size):
                 tokens = tokenizer(prompts[start : start + batch_size]).to(device)
                 out = model.encode_text(tokens).float().cpu()
