@@ -7,6 +7,7 @@ docstring's first paragraph is the subcommand's help text (with an example).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import sys
 
@@ -35,7 +36,22 @@ def _top_level_parser() -> argparse.ArgumentParser:
     )
 
 
+def bound_heap_growth(threshold: int = 4 * 2**20) -> None:
+    """Serve allocations above 4 MB by mmap, returned to the OS when freed (glibc only).
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after
+    which the chunked attention's per-chunk masks and weights come from the heap and the RSS
+    keeps the high-water mark of the fragments: 6.4 GB instead of 1.5 GB for one C = 8,142 step.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; fixing it also stops the adjustment
+
+
 def main(argv: list[str] | None = None) -> int:
+    bound_heap_growth()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         parser = _top_level_parser()
