@@ -114,3 +114,27 @@ def test_class_parallel_matches_dense(world_size):
                 _close(grad_cols, ref_cols[start:stop])
             grad_rows += rank_grad_rows  # each rank's share: its own columns' contribution
         _close(grad_rows, ref_rows)
+
+
+def test_tiny_probabilities_are_flushed_not_denormal():
+    """At CLIP's scale s = 100 most softmax terms fall below float32's smallest normal; they are
+    flushed to 0 (denormals would make exp ~10x slower): loss and gradients stay those of the
+    dense fp64 computation, and columns with a -inf bias get exactly zero gradient."""
+    g = torch.Generator().manual_seed(0)
+    rows = F.normalize(torch.randn(64, 32, generator=g, dtype=torch.float64), dim=-1)
+    cols = F.normalize(torch.randn(500, 32, generator=g, dtype=torch.float64), dim=-1)
+    bias = torch.zeros(500, dtype=torch.float64)
+    bias[450:] = -torch.inf
+    targets = torch.randint(0, 450, (64,), generator=g)
+    dense_rows, dense_cols = rows.clone().requires_grad_(True), cols.clone().requires_grad_(True)
+    dense = F.cross_entropy(100.0 * dense_rows @ dense_cols.t() + bias, targets, reduction="sum")
+    dense.backward()
+    mine_rows, mine_cols = rows.float().requires_grad_(True), cols.float().requires_grad_(True)
+    loss = class_parallel_cross_entropy(
+        mine_rows, mine_cols, 100.0, bias.float(), targets, chunk_rows=16
+    ).sum()
+    loss.backward()
+    assert abs(loss.item() - dense.item()) <= 1e-5 * dense.item()
+    for mine, want in ((mine_rows.grad, dense_rows.grad), (mine_cols.grad, dense_cols.grad)):
+        assert (mine.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(mine_cols.grad[450:], torch.zeros(50, 32))

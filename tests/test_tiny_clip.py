@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from candle_dist import cli
+from candle_dist.cache import default_cache_dir
 from candle_dist.data.synthetic_images import COLOURS, SHAPES, TEXTURES, all_classes, render
 from candle_dist.demo import tiny_clip
 
@@ -50,9 +51,9 @@ def test_training_input_matches_open_clip_eval_transform():
 def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("CANDLE_DIST_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert tiny_clip.default_cache_dir() == tmp_path / "xdg" / "candle_dist"
+    assert default_cache_dir() == tmp_path / "xdg" / "candle_dist"
     monkeypatch.setenv("CANDLE_DIST_CACHE", str(tmp_path / "mine"))
-    assert tiny_clip.default_cache_dir() == tmp_path / "mine"
+    assert default_cache_dir() == tmp_path / "mine"
     path = tiny_clip.checkpoint_path(seed=3, steps=5)
     assert path.parent == tmp_path / "mine" and "seed3" in path.name
     assert path != tiny_clip.checkpoint_path(seed=3, steps=6)

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from candle_dist.cache import default_cache_dir
 from candle_dist.data.synthetic_images import (
     COLOURS,
     SHAPES,
@@ -97,14 +98,6 @@ def is_held_out(cls: VisualClass) -> bool:
 def pretraining_classes() -> list[VisualClass]:
     """The combinations the tiny CLIP sees as images during pretraining."""
     return [cls for cls in all_classes() if not is_held_out(cls)]
-
-
-def default_cache_dir() -> Path:
-    """$CANDLE_DIST_CACHE, else $XDG_CACHE_HOME/candle_dist, else ~/.cache/candle_dist."""
-    if os.environ.get("CANDLE_DIST_CACHE"):
-        return Path(os.environ["CANDLE_DIST_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "candle_dist"
 
 
 def _validated_steps(steps: int | None) -> int:

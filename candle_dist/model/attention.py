@@ -4,9 +4,11 @@ Two kernels:
 - `F.scaled_dot_product_attention` (fused flash / memory-efficient kernels) whenever it can
   run without a mask and without materializing weights: always on CUDA, on CPU when no
   dropout is applied (the CPU flash kernel has no dropout; its fallback is the dense math path);
-- otherwise chunks of queries, each recomputed in backward under activation checkpointing, so
-  that at most one chunk's [heads, chunk, keys] weights exist. This path also handles the
-  "self key" of the `in_visual` mask: each query additionally attends to its own token.
+- otherwise `_ChunkedAttention`: flash-style, one chunk of queries at a time, scores by BLAS into
+  a reused buffer, softmax + dropout in place (softmax_dropout.py), recomputed in backward from
+  the saved log-sum-exp, so at most one chunk's [heads, chunk, keys] weights exist. It also
+  handles the "self key" of the `in_visual` mask: each query additionally attends to its own
+  token.
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
-# Floats of one chunk's attention weights (heads x chunk x keys): ~64 MB in fp32.
-CHUNK_WEIGHT_ELEMENTS = 16 * 2**20
+from candle_dist.model.softmax_dropout import (
+    DropoutKeys,
+    softmax_dropout_,
+    softmax_dropout_backward_,
+)
+
+# Scores of one chunk (heads x chunk x keys): 128 MB in fp32; backward holds two. Measured at
+# L = 8,128 tokens on 2 CPU cores: 2^18 elements take 4x as long per step, 2^24 7 % longer, 2^26
+# the same (smaller chunks make the score matmuls thinner and slower).
+CHUNK_ELEMENTS = 2**25
 
 
 def attention(
@@ -29,62 +39,100 @@ def attention(
     dropout_p: float = 0.0,
     self_k: torch.Tensor | None = None,
     self_v: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
+    key_offset: int = 0,
+    id_stride: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v per head; q [H, Lq, d], k and v [H, Lk, d] -> [H, Lq, d].
 
     With `self_k`/`self_v` ([H, Lq, d]) query i also attends to key self_k[:, i] (its own token).
     Attention dropout (`dropout_p`) is applied to the weights, as torch.nn.MultiheadAttention does.
+    The dropout mask is keyed by token ids: `query_ids` [Lq] (default 0..Lq-1), keys
+    `key_offset`..`key_offset`+Lk-1, a query's own key has its query id; ids below `id_stride`.
     """
     if q.shape[1] == 0:
         return q.new_zeros(q.shape[0], 0, v.shape[-1])
-    fused_ok = self_k is None and (dropout_p == 0.0 or q.is_cuda)
-    if fused_ok:
+    if self_k is None and (dropout_p == 0.0 or q.is_cuda):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    chunk = max(1, CHUNK_WEIGHT_ELEMENTS // max(1, q.shape[0] * (k.shape[1] + 1)))
-    outputs = []
-    for start in range(0, q.shape[1], chunk):
-        piece = slice(start, start + chunk)
-        args = (q[:, piece], k, v)
-        own = (self_k[:, piece], self_v[:, piece]) if self_k is not None else (None, None)
-        if torch.is_grad_enabled() and q.requires_grad | k.requires_grad | v.requires_grad:
-            out = checkpoint(_chunk_attention, *args, *own, dropout_p, use_reentrant=False)
-        else:
-            out = _chunk_attention(*args, *own, dropout_p)
-        outputs.append(out)
-    return torch.cat(outputs, dim=1)
+    if query_ids is None:
+        query_ids = torch.arange(q.shape[1], device=q.device)
+    stride = id_stride or max(q.shape[1], key_offset + k.shape[1])
+    keys = DropoutKeys.draw(dropout_p, stride)
+    return _ChunkedAttention.apply(
+        q, k, v, self_k, self_v, query_ids.to(torch.int64).contiguous(), key_offset, keys
+    )
 
 
-def keep_mask(shape: torch.Size, dropout_p: float, device: torch.device) -> torch.Tensor:
-    """Attention-dropout keep mask: True with probability 1 - p (p rounded to 1/65536).
-
-    Four 16-bit lanes per 64-bit random integer: about 6x faster than `bernoulli_` on CPU, which
-    matters because the weights are [heads, queries, keys] and the mask is drawn twice (forward
-    and its recomputation in backward, from the same restored RNG state).
-    """
-    count = math.prod(shape)
-    bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
-    lanes = bits.random_(-(2**63), 2**63 - 1).view(torch.int16)[:count].view(shape)
-    return lanes >= round(dropout_p * 65536) - 32768  # P(keep) = 1 - round(65536 p) / 65536
+def _chunk_rows(heads: int, num_keys: int) -> int:
+    return max(1, CHUNK_ELEMENTS // (heads * (num_keys + 1)))
 
 
-def _chunk_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    self_k: torch.Tensor | None,
-    self_v: torch.Tensor | None,
-    dropout_p: float,
-) -> torch.Tensor:
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [H, chunk, Lk]
-    if self_k is not None:
-        own_score = (q * self_k).sum(-1, keepdim=True) * scale
-        scores = torch.cat([own_score, scores], dim=-1)
-    weights = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0:  # drop weights; rescale the (much smaller) output instead of them
-        weights = weights.masked_fill(~keep_mask(weights.shape, dropout_p, weights.device), 0.0)
-    if self_k is None:
-        out = torch.bmm(weights, v)
-    else:
-        out = torch.baddbmm(weights[..., :1] * self_v, weights[..., 1:], v)
-    return out * (65536.0 / (65536 - round(dropout_p * 65536))) if dropout_p > 0.0 else out
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, self_k, self_v, query_ids, key_offset, keys):
+        heads, num_queries, _ = q.shape
+        q = q * (1.0 / math.sqrt(q.shape[-1]))
+        chunk = _chunk_rows(heads, k.shape[1])
+        buffer = q.new_empty(heads * min(chunk, num_queries) * k.shape[1])
+        out = q.new_empty(heads, num_queries, v.shape[-1])
+        lse = []
+        for start in range(0, num_queries, chunk):
+            piece = slice(start, start + chunk)
+            q_piece = q[:, piece]
+            scores = torch.bmm(q_piece, k.transpose(1, 2), out=_view(buffer, q_piece, k))
+            own = None if self_k is None else (q_piece * self_k[:, piece]).sum(-1)
+            lse.append(softmax_dropout_(scores, own, query_ids[piece], key_offset, keys))
+            if own is None:
+                out[:, piece] = torch.bmm(scores, v)
+            else:
+                out[:, piece] = torch.baddbmm(own[..., None] * self_v[:, piece], scores, v)
+        ctx.save_for_backward(q, k, v, self_k, self_v, query_ids, out, torch.cat(lse, dim=1))
+        ctx.key_offset, ctx.keys = key_offset, keys
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, self_k, self_v, query_ids, out, lse = ctx.saved_tensors
+        key_offset, keys = ctx.key_offset, ctx.keys
+        heads, num_queries, _ = q.shape
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros_like(k) if ctx.needs_input_grad[1] else None
+        grad_v = torch.zeros_like(v) if ctx.needs_input_grad[2] else None
+        own_k = torch.empty_like(self_k) if self_k is not None else None
+        own_v = torch.empty_like(self_v) if self_v is not None else None
+        chunk = _chunk_rows(heads, k.shape[1])
+        size = heads * min(chunk, num_queries) * k.shape[1]
+        buffers = q.new_empty(size), q.new_empty(size)
+        for start in range(0, num_queries, chunk):
+            piece = slice(start, start + chunk)
+            q_piece, grad_piece = q[:, piece], grad_out[:, piece]
+            scores = torch.bmm(q_piece, k.transpose(1, 2), out=_view(buffers[0], q_piece, k))
+            grad = torch.bmm(grad_piece, v.transpose(1, 2), out=_view(buffers[1], q_piece, k))
+            own = own_grad = None
+            if self_k is not None:
+                own = (q_piece * self_k[:, piece]).sum(-1)
+                own_grad = (grad_piece * self_v[:, piece]).sum(-1)
+            softmax_dropout_backward_(
+                scores, grad, own, own_grad, lse[:, piece].contiguous(),
+                delta[:, piece].contiguous(), query_ids[piece], key_offset, keys,
+            )  # fmt: skip
+            if grad_v is not None:
+                grad_v.baddbmm_(scores.transpose(1, 2), grad_piece)
+            if grad_k is not None:
+                grad_k.baddbmm_(grad.transpose(1, 2), q_piece)
+            grad_q[:, piece] = torch.bmm(grad, k)
+            if own is not None:
+                grad_q[:, piece] += own_grad[..., None] * self_k[:, piece]
+                own_k[:, piece] = own_grad[..., None] * q_piece
+                own_v[:, piece] = own[..., None] * grad_piece
+        grad_q.mul_(1.0 / math.sqrt(q.shape[-1]))  # q was saved scaled: k's gradients are final
+        return grad_q, grad_k, grad_v, own_k, own_v, None, None, None
+
+
+def _view(buffer: torch.Tensor, q_piece: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The first heads x rows x keys elements of `buffer`, contiguous."""
+    shape = (q_piece.shape[0], q_piece.shape[1], k.shape[1])
+    return buffer[: math.prod(shape)].view(shape)

@@ -80,20 +80,34 @@ class Fusion(nn.Module):
         text_k, text_v = keys[2], values[2]
         split = num_img + num_cls
         q_vis, q_txt = q[:, :split], q[:, split:]
-        p = self.attn_dropout if self.training else 0.0
+        ids = _token_ids(comm.rank, image_sizes, class_sizes, q.device)
+        total_images, total_classes = sum(image_sizes), sum(class_sizes)
+        texts_start = total_images + total_classes  # key ids: all images, prototypes, texts
+        common = dict(
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            id_stride=total_images + 2 * total_classes,
+        )
+        ids_vis, ids_txt = ids[:split], ids[split:]
 
         if self.mask == "none":
-            out = attention(q, all_k, all_v, dropout_p=p)
+            out = attention(q, all_k, all_v, query_ids=ids, **common)
         elif self.mask == "in_visual":
             own = dict(self_k=k[:, :split], self_v=v[:, :split])
-            out_vis = attention(q_vis, text_k, text_v, dropout_p=p, **own)
-            out = torch.cat([out_vis, attention(q_txt, all_k, all_v, dropout_p=p)], 1)
+            out_vis = attention(
+                q_vis, text_k, text_v, query_ids=ids_vis, key_offset=texts_start, **own, **common
+            )
+            out_txt = attention(q_txt, all_k, all_v, query_ids=ids_txt, **common)
+            out = torch.cat([out_vis, out_txt], 1)
         elif self.mask == "in_text":
-            out_vis = attention(q_vis, all_k, all_v, dropout_p=p)
-            out = torch.cat([out_vis, attention(q_txt, visual_k, visual_v, dropout_p=p)], 1)
+            out_vis = attention(q_vis, all_k, all_v, query_ids=ids_vis, **common)
+            out_txt = attention(q_txt, visual_k, visual_v, query_ids=ids_txt, **common)
+            out = torch.cat([out_vis, out_txt], 1)
         else:  # between_visual_text
-            out_vis = attention(q_vis, visual_k, visual_v, dropout_p=p)
-            out = torch.cat([out_vis, attention(q_txt, text_k, text_v, dropout_p=p)], 1)
+            out_vis = attention(q_vis, visual_k, visual_v, query_ids=ids_vis, **common)
+            out_txt = attention(
+                q_txt, text_k, text_v, query_ids=ids_txt, key_offset=texts_start, **common
+            )
+            out = torch.cat([out_vis, out_txt], 1)
 
         out = out.transpose(0, 1).reshape(normed.shape)
         fused = normed + self.ratio * self.attn.out_proj(out)
@@ -101,3 +115,19 @@ class Fusion(nn.Module):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], self.num_heads, -1).transpose(0, 1)
+
+
+def _token_ids(
+    rank: int, image_sizes: list[int], class_sizes: list[int], device: torch.device
+) -> torch.Tensor:
+    """Positions of this rank's tokens in the one-process sequence [images | prototypes | texts]:
+    the ids attention dropout is keyed by, so that P ranks drop what one process drops."""
+    images, classes = sum(image_sizes), sum(class_sizes)
+    image_start, class_start = sum(image_sizes[:rank]), sum(class_sizes[:rank])
+    num_img, num_cls = image_sizes[rank], class_sizes[rank]
+    return torch.cat([
+        torch.arange(image_start, image_start + num_img, device=device),
+        torch.arange(images + class_start, images + class_start + num_cls, device=device),
+        torch.arange(images + classes + class_start, images + classes + class_start + num_cls,
+                     device=device),
+    ])  # fmt: skip

@@ -163,7 +163,8 @@ def fit(
                     train.num_classes,
                     (head.class_start, head.class_stop),
                 ).to(device)
-            torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101 + comm.rank)  # dropout
+            # attention dropout: one seed on every rank (masks are keyed by global token ids)
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101)
             head.train()
             with autocast():
                 loss, parts = head.loss(features, labels, criterion, classes)
