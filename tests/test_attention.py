@@ -73,6 +73,7 @@ def test_chunked_attention_matches_dense_formula(
     implementation, dtype, with_self, chunk_elements, dropout, monkeypatch
 ):
     monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(attention_module, "MIN_CHUNK_ROWS", 1)
     (q, k, v, self_k, self_v), query_ids = _inputs(dtype, with_self)
     if not with_self and dropout == 0.0:
         pytest.skip("served by F.scaled_dot_product_attention")

@@ -3,8 +3,8 @@
 The head is checked for every mask mode and virtual init in fp64 (<= 1e-9 relative) and fp32
 (<= 1e-5), with C = 11 classes (7 base) split unevenly and a batch of 7 split unevenly as the
 trainer splits it, without and with attention dropout (its mask is keyed by global token ids, so
-P ranks drop what one process drops); then `fit()` end to end: P = 2 equals P = 1, and a checkpoint written by P = 2
-resumes with P = 3 and P = 1 to the uninterrupted result.
+P ranks drop what one process drops); then `fit()` end to end: P = 2 equals P = 1, and a
+checkpoint written by P = 2 resumes with P = 3 and P = 1 to the uninterrupted result.
 """
 
 import itertools

@@ -72,6 +72,7 @@ def _oracle_params(oracle):
 @pytest.mark.parametrize("chunk_elements", [attention_module.CHUNK_ELEMENTS, 50])
 def test_head_matches_dense_oracle(mask, init, chunk_elements, monkeypatch):
     monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(attention_module, "MIN_CHUNK_ROWS", 1)
     head, oracle, feats, labels, counts = _pair(mask, init)
     criterion = CompensatingLogitAdjustedLoss(counts).double()
     targets = torch.cat([labels, torch.arange(C)])
