@@ -53,6 +53,7 @@ class Run:
     warmup: int = 1
     attn_dropout: float = 0.1
     sampled: float | None = None
+    native: bool = True  # False: softmax + dropout in torch ops (as without a C compiler)
 
     def command(self) -> list[str]:
         launcher = [sys.executable]
@@ -80,6 +81,8 @@ COMPARISON = [
     Run("ours-4k-in_visual", 4000, mask="in_visual", steps=2),
     # Without dropout the CPU runs torch's fused flash kernel: what dropout costs us here.
     Run("ours-4k-no-dropout", 4000, attn_dropout=0.0),
+    # Without the compiled kernel (no C compiler, or CANDLE_DIST_NATIVE=0).
+    Run("ours-4k-torch-softmax", 4000, native=False),
 ]
 SCALE = [
     Run("ours-8142", 8142, batch=256, steps=2, warmup=0),
@@ -106,7 +109,12 @@ AGREEMENT = [
     Run("agree-dropout-ours-P1", 1000, steps=1, warmup=0),
     Run("agree-dropout-ours-P2", 1000, processes=2, steps=1, warmup=0),
 ]
-PAIRS = {"ours-1k": "dense-1k", "ours-4k": "dense-4k", "ours-4k-in_visual": "dense-4k"}
+PAIRS = {
+    "ours-1k": "dense-1k",
+    "ours-4k": "dense-4k",
+    "ours-4k-in_visual": "dense-4k",
+    "ours-4k-torch-softmax": "dense-4k",
+}
 MEMORY_LIMIT_8142_GB = 6.0
 
 
@@ -139,6 +147,7 @@ def run_config(run: Run, work_dir: Path, resume: bool, threads: int) -> dict:
     if resume and path.exists():
         return json.loads(path.read_text())
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // run.processes)))
+    env["CANDLE_DIST_NATIVE"] = "1" if run.native else "0"
     for _ in range(2):  # a second try only for a start-up failure (e.g. a rendezvous port race)
         started = time.perf_counter()
         done = subprocess.run(
@@ -237,7 +246,8 @@ COLUMNS = [
 
 def _row(run: Run, res: dict, results: dict, rate: float) -> list[str]:
     classes = f"{run.classes:,}" + (f" (sampled {run.sampled})" if run.sampled else "")
-    cells = [run.name, "dense" if run.dense else "candle", classes, str(run.batch)]
+    impl = "dense" if run.dense else "candle" if run.native else "candle, torch softmax"
+    cells = [run.name, impl, classes, str(run.batch)]
     cells += [run.mask, str(run.attn_dropout), str(run.processes)]
     if "step_s_median" not in res:
         return [*cells, "-", res.get("note") or f"failed: {res.get('error')}"]
@@ -293,7 +303,7 @@ def _report(runs, results, notes, rate_before, rate_after, rate, threads: int) -
         "benchmarks/dense_head.py: torch.nn.MultiheadAttention over all B + 2C tokens with an "
         "L x L boolean mask and full R x C logits. Step times are medians of the timed steps "
         "after the warm-up ones. "
-        "The P = 2 row runs 2 processes under torchrun (gloo) on the 2 shared cores: a "
+        "The P = 2 row runs 2 processes under torchrun (gloo) on the same 2 cores: a "
         "correctness run of the class-parallel path (see the agreement line), not a scaling "
         "measurement. The in_visual "
         "row is compared with the dense mask-none run: the dense cost does not depend on the mask.",
@@ -374,6 +384,7 @@ def _fit_rate(results) -> float | None:
         run.flops / results[run.name]["step_s_median"] / 1e9
         for run in COMPARISON + SCALE
         if not run.dense
+        and run.native
         and run.mask == "none"
         and run.attn_dropout > 0
         and "step_s_median" in results.get(run.name, {})
@@ -394,6 +405,7 @@ def _plot(runs, results, rate) -> None:
             (run.classes, results[run.name]["step_s_median"])
             for run in runs
             if keep(run)
+            and run.native
             and run.processes == 1
             and run.mask == "none"
             and run.attn_dropout > 0
