@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
+import os
 import sys
 
 from candle_dist.errors import UserInputError
@@ -40,8 +41,8 @@ def bound_heap_growth(threshold: int = 4 * 2**20) -> None:
     """Serve allocations above 4 MB by mmap, returned to the OS when freed (glibc only).
 
     glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after
-    which the chunked attention's per-chunk masks and weights come from the heap and the RSS
-    keeps the high-water mark of the fragments: 6.4 GB instead of 1.5 GB for one C = 8,142 step.
+    which chunk-sized temporaries come from a heap whose RSS keeps the high-water mark of its
+    fragments (one C = 8,142, B = 256 step: 1.76 GB peak RSS without this, 1.46 GB with it).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -50,8 +51,19 @@ def bound_heap_growth(threshold: int = 4 * 2**20) -> None:
     libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; fixing it also stops the adjustment
 
 
+def prefer_huge_pages() -> None:
+    """Have torch back CPU tensors of 2 MB and more with transparent huge pages.
+
+    THP_MEM_ALLOC_ENABLE is read at torch's first allocation (torch is not imported yet here);
+    512x fewer page faults on the head's large chunk buffers made a C = 4,000 step ~5 % faster
+    on the benchmark CPU. A value the user set wins.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     bound_heap_growth()
+    prefer_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         parser = _top_level_parser()
