@@ -43,7 +43,9 @@ def main(args: argparse.Namespace) -> int:
         results = fit(cfg, train, val, resume=args.resume, max_steps=args.max_steps)
     except Preempted as stop:
         print(f"candle-dist train: {stop}", file=sys.stderr)
+        _leave_process_group()
         return PREEMPTED_EXIT_CODE
+    _leave_process_group()
     if "eval" in results and results.get("rank", 0) == 0:
         m = results["eval"]
         print(
@@ -51,3 +53,17 @@ def main(args: argparse.Namespace) -> int:
             f"many {m['many']}  medium {m['medium']}  few {m['few']}"
         )
     return 0
+
+
+def _leave_process_group() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter exits.
+
+    Only on paths all ranks take together (the end of training, an agreed preemption stop): a
+    rank still shutting down when rank 0, which hosts the rendezvous store, has already exited
+    can abort in C++ ("terminate called without an active exception", exit status -6).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
