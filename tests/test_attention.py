@@ -108,6 +108,13 @@ def test_a_subset_of_queries_gets_the_rows_of_the_full_attention(implementation)
     _close(some, full[:, part], 1e-14)
 
 
+def test_zero_keys_is_an_error_not_a_read_past_the_buffer():
+    q = torch.randn(2, 3, 4)
+    empty = torch.randn(2, 0, 4)
+    with pytest.raises(ValueError, match="zero keys"):
+        attention_module.attention(q, empty, empty, dropout_p=0.1)
+
+
 def test_keep_mask_is_a_fair_coin_per_weight():
     torch.manual_seed(0)
     keys = DropoutKeys.draw(0.1, 10**6)

@@ -55,6 +55,8 @@ def attention(
     """
     if q.shape[1] == 0:
         return q.new_zeros(q.shape[0], 0, v.shape[-1])
+    if k.shape[1] == 0 and self_k is None:
+        raise ValueError("attention over zero keys: every query needs at least one key")
     if self_k is None and (dropout_p == 0.0 or q.is_cuda):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if query_ids is None:
