@@ -43,27 +43,36 @@ def main(args: argparse.Namespace) -> int:
         results = fit(cfg, train, val, resume=args.resume, max_steps=args.max_steps)
     except Preempted as stop:
         print(f"candle-dist train: {stop}", file=sys.stderr)
-        _leave_process_group()
+        _exit_if_distributed(PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
-    _leave_process_group()
     if "eval" in results and results.get("rank", 0) == 0:
         m = results["eval"]
         print(
             f"top1 {m['top1']:.4f}  base {m['base']}  new {m['new']}  hm {m['hm']}  "
             f"many {m['many']}  medium {m['medium']}  few {m['few']}"
         )
+    _exit_if_distributed(0)
     return 0
 
 
-def _leave_process_group() -> None:
-    """Wait for every rank, then tear the process group down before the interpreter exits.
+def _exit_if_distributed(code: int) -> None:
+    """In a multi-process run: wait for every rank, flush, and end the process without
+    interpreter teardown.
 
-    Only on paths all ranks take together (the end of training, an agreed preemption stop): a
-    rank still shutting down when rank 0, which hosts the rendezvous store, has already exited
-    can abort in C++ ("terminate called without an active exception", exit status -6).
+    Called only where all ranks arrive together (the end of training, an agreed preemption stop),
+    after every file is written. Tearing down the communication backend's C++ objects at exit
+    occasionally aborted a rank ("terminate called without an active exception", status -6)
+    in CI, in both the plain and the DeepSpeed launch.
     """
+    import logging
+    import os
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
