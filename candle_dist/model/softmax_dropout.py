@@ -44,50 +44,41 @@ class DropoutKeys:
         return TWO32 / (TWO32 - self.threshold)
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit integer hash of softmax_dropout.c on int64 tensors holding uint32 values
-    (constants below 2^31, so no product leaves int64)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & MASK32
-    return x ^ (x >> 15)
-
-
 def keep_mask(
     keys: DropoutKeys, heads: int, query_ids: torch.Tensor, key_ids: torch.Tensor
 ) -> torch.Tensor:
     """[heads, queries, keys] bool: which attention weights survive dropout.
 
-    `key_ids` is [keys] (shared by all queries) or [queries, keys] (per query). The per-weight
-    hash runs in place on int32 lanes holding the uint32 bits (wrapping multiplies, logical
-    shifts by masking): 6x faster than int64 temporaries on the CPU.
+    `key_ids` is [keys] (shared by all queries) or [queries, keys] (per query).
     """
     device = query_ids.device
     head = torch.arange(heads, device=device, dtype=torch.int64)[:, None]
-    seed = mix32(torch.tensor(keys.seed, dtype=torch.int64, device=device))
-    rows = mix32(seed ^ ((head * keys.stride + query_ids.to(torch.int64)) & MASK32))
-    cols = mix32((key_ids.to(torch.int64) + 0x632BE5AB) & MASK32)
+    seed = _mix32_(_as_uint32_bits(torch.tensor([keys.seed], device=device)))
+    rows = _mix32_(seed ^ _as_uint32_bits(head * keys.stride + query_ids.to(torch.int64)))
+    cols = _mix32_(_as_uint32_bits(key_ids.to(torch.int64) + 0x632BE5AB))
     cols = cols if cols.ndim == 2 else cols[None]
-    bits = _as_int32(rows)[:, :, None] + _as_int32(cols)[None]
-    shifted = torch.empty_like(bits)
-    for multiplier in (0x21F0AAAD, 0x735A2D97):
-        _xor_shift_right_(bits, 16 if multiplier == 0x21F0AAAD else 15, shifted)
-        bits.mul_(multiplier)
-    _xor_shift_right_(bits, 15, shifted)
+    bits = _mix32_(rows[:, :, None] + cols[None])
     # unsigned comparison as signed: flip the sign bit of both sides
     return bits.bitwise_xor_(-(2**31)) >= keys.threshold - 2**31
 
 
-def _as_int32(x: torch.Tensor) -> torch.Tensor:
-    """int64 holding uint32 values -> int32 with the same bits."""
-    return (x - ((x >> 31) << 32)).to(torch.int32)
+def _as_uint32_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 holding its low 32 bits (the uint32 the C code computes with)."""
+    low = x & MASK32
+    return (low - ((low >> 31) << 32)).to(torch.int32)
 
 
-def _xor_shift_right_(x: torch.Tensor, shift: int, scratch: torch.Tensor) -> None:
-    """x ^= x >> shift with a logical (unsigned) shift, in place."""
-    torch.bitwise_right_shift(x, shift, out=scratch)
-    x.bitwise_xor_(scratch.bitwise_and_((1 << (32 - shift)) - 1))
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """softmax_dropout.c's `mix32`, in place on int32 lanes holding uint32 bits: multiplies
+    wrap like uint32 ones, right shifts are made logical by masking. In place on int32 rather
+    than on int64 temporaries: 6x faster on the CPU for a chunk's [heads, rows, keys] bits."""
+    scratch = torch.empty_like(x)
+    for shift, multiplier in ((16, 0x21F0AAAD), (15, 0x735A2D97), (15, None)):
+        torch.bitwise_right_shift(x, shift, out=scratch)
+        x.bitwise_xor_(scratch.bitwise_and_((1 << (32 - shift)) - 1))
+        if multiplier is not None:
+            x.mul_(multiplier)
+    return x
 
 
 def softmax_dropout_(
