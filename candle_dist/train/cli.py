@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
         results = fit(cfg, train, val, resume=args.resume, max_steps=args.max_steps)
     except Preempted as stop:
         print(f"candle-dist train: {stop}", file=sys.stderr)
-        _exit_if_distributed(PREEMPTED_EXIT_CODE)
+        exit_if_distributed(PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
     if "eval" in results and results.get("rank", 0) == 0:
         m = results["eval"]
@@ -51,11 +51,11 @@ def main(args: argparse.Namespace) -> int:
             f"top1 {m['top1']:.4f}  base {m['base']}  new {m['new']}  hm {m['hm']}  "
             f"many {m['many']}  medium {m['medium']}  few {m['few']}"
         )
-    _exit_if_distributed(0)
+    exit_if_distributed(0)
     return 0
 
 
-def _exit_if_distributed(code: int) -> None:
+def exit_if_distributed(code: int) -> None:
     """In a multi-process run: wait for every rank, flush, and end the process without
     interpreter teardown.
 
