@@ -1,4 +1,5 @@
-"""Copy the class lists the dataset configs use into configs/data/, recording where each came from.
+"""Copy the class lists and count profile the dataset configs use into configs/data/, recording
+where each came from.
 
 Example: python scripts/prepare_classnames.py --source-dir ../shared/data
 
@@ -7,6 +8,7 @@ reads):
   inat2018_classnames.txt   8,142 species names from iNaturalist 2018's categories.json
   inat2018_taxonomy.tsv     the same classes with genus ... kingdom and supercategory
   imagenet_lt_classnames.txt, places_lt_classnames.txt
+  places_lt_train_counts.tsv  Places-LT's real per-class training counts (365 classes)
 and sources.json: for every output, its source file, the source's and the output's sha256 and
 what was done to it, so a reader can check that the committed lists are the published ones.
 The class-name files carry no header line because a header would be read as a class name.
@@ -62,6 +64,12 @@ def places_lt(text: str) -> dict[str, str]:
     return {"places_lt_classnames.txt": _lines(readable(line.split()[0]) for line in _rows(text))}
 
 
+def places_lt_counts(text: str) -> dict[str, str]:
+    """The real Places-LT per-class training counts (`class_id<TAB>count`), copied unchanged: the
+    long-tailed profile synthetic features and tests draw from (`load_counts_tsv`)."""
+    return {"places_lt_train_counts.tsv": text}
+
+
 def _rows(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
@@ -70,19 +78,23 @@ def _lines(names) -> str:
     return "".join(f"{name}\n" for name in names)
 
 
-SOURCES: dict[str, tuple[str, Callable[[str], dict[str, str]], str]] = {
-    "inat2018": (
+# (dataset, source file, conversion, what the conversion does)
+SOURCES: list[tuple[str, str, Callable[[str], dict[str, str]], str]] = [
+    (
+        "inat2018",
         "inat2018_categories.json",
         inat2018,
         "sorted by id; `name` per line; taxonomy columns to the TSV",
     ),
-    "imagenet_lt": ("imagenet_lt_classnames.txt", imagenet_lt, "dropped the leading wnid"),
-    "places_lt": (
+    ("imagenet_lt", "imagenet_lt_classnames.txt", imagenet_lt, "dropped the leading wnid"),
+    (
+        "places_lt",
         "places_lt_classnames.txt",
         places_lt,
         "first column; '_' -> ' ', 'place-kind' -> 'place (kind)'",
     ),
-}
+    ("places_lt", "places_lt_train_counts.tsv", places_lt_counts, "copied unchanged"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     record = {}
-    for dataset, (filename, convert, how) in SOURCES.items():
+    for dataset, filename, convert, how in SOURCES:
         source = args.source_dir / filename
         if not source.is_file():
             print(f"prepare_classnames: {source} not found; pass --source-dir", file=sys.stderr)
