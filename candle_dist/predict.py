@@ -8,8 +8,9 @@ Example:
 
 Inputs are image files, folders of images, WebDataset shards (brace expansion allowed), feature
 stores or .npy feature arrays. Images are encoded with the CLIP that made the training features
-(recorded in the checkpoint; --model/--pretrained override it). Predictions use the exported
-classifier, so a sample's scores never depend on the rest of its batch (see
+and under the same autocast (both recorded in the checkpoint; --model/--pretrained/--precision
+override them), so the classifier scores features like those it was trained on. Predictions use
+the exported classifier, so a sample's scores never depend on the rest of its batch (see
 candle_dist/classifier.py for why the head's own test forward does, in every mask mode).
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from candle_dist.errors import UserInputError
+from candle_dist.precision import PRECISIONS, autocast, resolve_precision
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -40,14 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", help="override the CLIP weights (tag, path or none)")
     parser.add_argument("--model-config", help="open_clip model config JSON for --model")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="autocast of the image encoder (default: the one the training features were "
+        "extracted with; auto where the checkpoint does not record it)",
+    )
 
 
 class _Encoder:
-    """Lazily loaded frozen CLIP image tower + the fast eval preprocessing."""
+    """Lazily loaded frozen CLIP image tower + the fast eval preprocessing + its autocast."""
 
     def __init__(self, clip_info: dict, args: argparse.Namespace, device: torch.device):
         self.info, self.args, self.device = clip_info or {}, args, device
-        self.model = self.prep = None
+        self.model = self.prep = self.precision = None
 
     def __call__(self, images: list[bytes], keys: list[str]) -> torch.Tensor:
         if self.model is None:
@@ -61,6 +69,7 @@ class _Encoder:
                     f"{self.args.checkpoint}: the checkpoint does not record which CLIP made its "
                     "features (trained from arrays?): pass --model and --pretrained"
                 )
+            self.precision = self._precision()
             self.model, _, _ = load_clip(name, pretrained, self.args.model_config, self.device)
             self.prep = ImagePreprocessor.for_model(self.model)
         pixels = []
@@ -69,9 +78,30 @@ class _Encoder:
                 pixels.append(self.prep(data, key)[0])
             except Exception as err:  # PIL raises many types for damaged files
                 raise UserInputError(f"{key}: not a readable image ({err})") from None
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             batch = torch.stack(pixels).to(self.device)
             return self.model.encode_image(batch).float().cpu()
+
+    def _precision(self) -> str:
+        """--precision, else the precision the training features were extracted with."""
+        if self.args.precision:
+            return resolve_precision(self.args.precision, self.device, "--precision")
+        recorded = self.info.get("precision")
+        if recorded is None:
+            precision = resolve_precision("auto", self.device)
+            print(
+                f"candle-dist predict: {self.args.checkpoint} does not record the precision of "
+                f"its features (extracted before it was recorded); encoding in {precision} (the "
+                "auto rule); pass --precision to choose",
+                file=sys.stderr,
+            )
+            return precision
+        try:
+            return resolve_precision(recorded, self.device, "--precision")
+        except UserInputError as err:
+            raise UserInputError(
+                f"{self.args.checkpoint}: its features were extracted in {recorded}, but {err}"
+            ) from None
 
 
 def _image_files(path: Path) -> list[Path]:

@@ -52,6 +52,7 @@ def extract_argv(cfg: Config, split: str) -> list[str]:
     clip = cfg.clip
     argv = [*_cli("extract"), "--shards", shards]
     argv += ["--output", store, "--model", clip.name, "--pretrained", clip.pretrained]
+    argv += ["--precision", clip.precision]
     argv += ["--batch-size", str(clip.batch_size), "--workers", str(clip.workers)]
     argv += ["--split", split, "--templates", *clip.templates]
     if clip.model_config:
@@ -167,19 +168,27 @@ class ExtractTask(Task):
 
 @dataclasses.dataclass
 class TrainTask(Task):
-    """One trainer rank: torch.distributed rendezvous at the job's first host."""
+    """One trainer rank: torch.distributed rendezvous at the job's first host.
+
+    LOCAL_RANK is the index of the rank's GPU among those the task sees, which Accelerate and
+    DeepSpeed select by it: the local rank where every task sees all of the node's GPUs, 0 where
+    SLURM binds one GPU per task (the local rank itself would be an invalid device ordinal).
+    The port, 15000 + job id % 15000, lies below Linux's ephemeral range (32768-60999), from
+    which outgoing connections on the host may already hold any port.
+    """
 
     def environment(self) -> dict[str, str]:
         import submitit
 
         job = submitit.JobEnvironment()
         digits = re.sub(r"\D", "", job.job_id) or "0"
+        gpus = _local_gpus()
         return {
             "MASTER_ADDR": job.hostnames[0],
-            "MASTER_PORT": str(20000 + int(digits) % 20000),
+            "MASTER_PORT": str(15000 + int(digits) % 15000),
             "RANK": str(job.global_rank),
             "WORLD_SIZE": str(job.num_tasks),
-            "LOCAL_RANK": str(job.local_rank),
+            "LOCAL_RANK": str(job.local_rank % gpus if gpus else job.local_rank),
             "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # as torchrun sets it
         }
@@ -281,6 +290,7 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def _local_gpus() -> int:
+    """The GPUs this process sees (counted without opening a CUDA context)."""
     import torch
 
     return torch.cuda.device_count()

@@ -12,9 +12,11 @@
 # Stages (STAGES, default "extract,train"):
 #   extract  one srun task per GPU on every node runs `candle-dist extract` for the train and
 #            val splits; rerunning resumes (finished shards are kept), a complete store is skipped
-#   train    one `accelerate launch` per node (srun --ntasks-per-node=1): --num_machines from
-#            SLURM_NNODES, --machine_rank from SLURM_NODEID, --num_processes = nodes x GPUs per
-#            node, main address = first host of SLURM_JOB_NODELIST; always --resume
+#   train    one `accelerate launch` per node (srun --ntasks-per-node=1), run as
+#            `$PYTHON -m accelerate.commands.launch` (PYTHON's accelerate, not PATH's `accelerate`):
+#            --num_machines from SLURM_NNODES, --machine_rank from SLURM_NODEID, --num_processes =
+#            nodes x GPUs per node, main address = first host of SLURM_JOB_NODELIST and port
+#            MAIN_PORT; always --resume
 #
 # Preemption and time limit: SLURM sends SIGUSR1 120 s before the end (--signal=B:USR1@120).
 # The script forwards it to the running step; the trainer writes a checkpoint at the next step
@@ -25,8 +27,11 @@
 # from the last periodic checkpoint (train.checkpoint_every).
 #
 # Environment overrides: CONFIG, OVERRIDES (space-separated section.key=value), STAGES,
-# GPUS_PER_NODE, CPUS_PER_NODE, MAIN_ADDR, MAIN_PORT, ACCELERATE_CONFIG (default
-# launch/multi_node.yaml), PYTHON, SHUTDOWN_TIMEOUT (seconds the trainer gets to checkpoint
+# GPUS_PER_NODE, CPUS_PER_NODE, MAIN_ADDR, MAIN_PORT (default 15000 + SLURM_JOB_ID % 15000, in
+# 15000-29999: below Linux's ephemeral port range 32768-60999, from which any outgoing connection
+# on the first node may already hold a port, and above the ports most services listen on),
+# ACCELERATE_CONFIG (default launch/multi_node.yaml), PYTHON (default python: the interpreter
+# of candle-dist and accelerate), SHUTDOWN_TIMEOUT (seconds the trainer gets to checkpoint
 # after the signal, default 90), FORCE_EXTRACT=1 (run extraction even for a complete store).
 #
 #SBATCH --job-name=candle-inat
@@ -135,7 +140,7 @@ CPUS_PER_GPU=$((CPUS_PER_NODE / GPUS_PER_NODE > 0 ? CPUS_PER_NODE / GPUS_PER_NOD
 WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
 mapfile -t HOSTS < <(hostnames "$NODELIST")
 MAIN_ADDR=${MAIN_ADDR:-${HOSTS[0]}}
-MAIN_PORT=${MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+MAIN_PORT=${MAIN_PORT:-$((15000 + ${SLURM_JOB_ID:-0} % 15000))}
 if ((${#HOSTS[@]} != NNODES)); then
   echo "train_inat.sh: SLURM_JOB_NODELIST=$NODELIST names ${#HOSTS[@]} host(s)," \
     "SLURM_NNODES=$NNODES" >&2
@@ -165,6 +170,7 @@ values = {
     "CLASS_INFO": cfg.clip.class_info,
     "MODEL": cfg.clip.name,
     "PRETRAINED": cfg.clip.pretrained,
+    "PRECISION": cfg.clip.precision,
     "MODEL_CONFIG": cfg.clip.model_config,
     "EXTRACT_BATCH": cfg.clip.batch_size,
     "WORKERS": cfg.clip.workers,
@@ -256,8 +262,8 @@ extract_split() { # $1 split (train|eval)  $2 shards  $3 store
     return 0
   fi
   local cmd=("$PYTHON" -m candle_dist.cli extract --shards "$shards" --output "$store"
-    --model "$MODEL" --pretrained "$PRETRAINED" --batch-size "$EXTRACT_BATCH"
-    --workers "$WORKERS" --split "$split" --templates "${TEMPLATES[@]}")
+    --model "$MODEL" --pretrained "$PRETRAINED" --precision "$PRECISION"
+    --batch-size "$EXTRACT_BATCH" --workers "$WORKERS" --split "$split" --templates "${TEMPLATES[@]}")
   if [[ -n $MODEL_CONFIG ]]; then cmd+=(--model-config "$MODEL_CONFIG"); fi
   if [[ -n $CLASSNAMES ]]; then cmd+=(--classnames "$CLASSNAMES"); fi
   if [[ -n $CLASS_INFO ]]; then cmd+=(--class-info "$CLASS_INFO"); fi
@@ -291,11 +297,14 @@ if [[ ,$STAGES, == *,train,* ]]; then
   launch=(--config_file "$ACCELERATE_CONFIG" --num_machines "$NNODES"
     --num_processes "$WORLD_SIZE" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT"
     -m candle_dist.cli train --config "$CONFIG" --resume ${overrides[@]+"${overrides[@]}"})
-  echo "# node $NODEID runs: $(quote accelerate launch --machine_rank "$NODEID" "${launch[@]}")"
+  echo "# node $NODEID runs: $(quote "$PYTHON" -m accelerate.commands.launch \
+    --machine_rank "$NODEID" "${launch[@]}")"
+  # on each node, with that node's SLURM_NODEID ($1 = PYTHON)
+  on_node='trap "" USR1; python=$1; shift'
+  on_node+='; exec "$python" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"'
   status=0
   step srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
     --cpus-per-task="$CPUS_PER_NODE" --kill-on-bad-exit=1 \
-    bash -c 'trap "" USR1; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' accelerate \
-    "${launch[@]}" || status=$?
+    bash -c "$on_node" launch "$PYTHON" "${launch[@]}" || status=$?
   finish "$status"
 fi

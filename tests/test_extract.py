@@ -19,7 +19,7 @@ from PIL import Image
 from candle_dist import cli
 from candle_dist.errors import UserInputError
 from candle_dist.features.clip_loading import load_clip
-from candle_dist.features.extract import distributed_env, extract
+from candle_dist.features.extract import distributed_env, extract, resolve_device
 from candle_dist.features.prompts import encode_classnames
 from candle_dist.features.store import FeatureStore
 from candle_dist.features.transforms import ImagePreprocessor, PreprocessSpec
@@ -270,3 +270,45 @@ def test_manifest_records_checksums(data):
     manifest = json.loads((data["ref"] / "manifest.json").read_text())
     for shard in manifest["shards"]:
         assert len(shard["sha256"]) == 64 and len(shard["input_sha256"]) == 64
+
+
+def test_precision_is_applied_to_images_and_text_and_recorded(data, tmp_path):
+    assert json.loads((data["ref"] / "manifest.json").read_text())["precision"] == "fp32"  # auto
+    spec = shard_spec(data["root"] / "shards", 2)
+    config = data["config"]
+    stats = extract(spec, tmp_path / "s", model_config=config, precision="bf16", progress=False)
+    store = FeatureStore(stats["store"])
+    assert store.manifest["precision"] == "bf16"
+    rows, ref = store_rows(store.path), store_rows(data["ref"])
+    gap = max(np.abs(feature - ref[key][1]).max() for key, (_, feature) in rows.items())
+    assert 5e-3 < gap < 0.2  # bf16 rounding, beyond the float16 storage of both
+    model, _, tokenizer = load_clip("", "none", config)
+    names, templates = store.classnames, ["a photo of a {}."]
+    text = encode_classnames(model, tokenizer, names, templates, precision="bf16")
+    np.testing.assert_allclose(store.text_features, text.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserInputError, match="precision 'fp32' != 'bf16'"):
+        extract(data["spec"], data["ref"], model_config=config, precision="bf16", progress=False)
+
+
+def test_precision_option_and_its_default_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--precision {auto,bf16,fp32}" in text and "(default: auto)" in text
+
+
+@pytest.mark.parametrize(("visible", "index"), [(8, 5), (1, 0)])
+def test_cuda_device_is_the_tasks_own_gpu_and_current(monkeypatch, visible, index):
+    """SLURM task 5 of a node sees all 8 GPUs (its own is 5) or, bound one GPU per task, only its
+    own (0); either way that GPU becomes the current device before any CUDA work, so the loader's
+    pin-memory thread does not open a context on GPU 0 from every rank."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    task = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}
+    for name in ("auto", "cuda"):
+        current.clear()
+        device = resolve_device(name, distributed_env(task))
+        assert device == torch.device("cuda", index)
+        assert current == [device]

@@ -15,6 +15,7 @@ check the srun extraction command against the one submitit runs.)
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,10 +29,11 @@ import torch
 
 from candle_dist.cli import main as cli_main
 from candle_dist.config import load_config
-from candle_dist.submit import extract_argv
+from candle_dist.submit import TrainTask, extract_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]  # PYTHON's own
 
 FAKE_SRUN = """#!{python}
 # srun for tests: --ntasks copies of the command on this machine with the SLURM task
@@ -154,7 +156,7 @@ def test_dry_run_on_four_nodes_shows_world_ranks_and_main_address():
     ]
     node = next(line for line in out.splitlines() if line.startswith("# node 2 runs:"))
     node_argv = shlex.split(node.split(":", 1)[1])
-    assert node_argv[:4] == ["accelerate", "launch", "--machine_rank", "2"]
+    assert node_argv[:5] == [*ACCELERATE_LAUNCH, "--machine_rank", "2"]
     assert _option(node_argv, "--num_processes") == "32"
 
 
@@ -198,6 +200,65 @@ def test_bad_override_stops_before_any_step():
     assert result.returncode == 2
     assert "unknown key(s) nonsense" in result.stderr and "valid keys" in result.stderr
     assert "+ srun" not in result.stdout
+
+
+def test_each_node_runs_accelerate_launch_of_the_configured_python(tmp_path):
+    """Not an `accelerate` found on PATH (another environment's, or none on the nodes): PYTHON's
+    own `-m accelerate.commands.launch`, with the node's SLURM_NODEID as its machine rank."""
+    variables = {"SLURM_JOB_NODELIST": "g[1-2]", "SLURM_NNODES": 2, "SLURM_GPUS_ON_NODE": 8}
+    result = _dry_run(SLURM_NODEID=1, **variables)
+    assert result.returncode == 0, result.stderr
+    node = next(line for line in result.stdout.splitlines() if line.startswith("# node 1 runs:"))
+    node_argv = shlex.split(node.split(":", 1)[1])
+    assert node_argv[:5] == [*ACCELERATE_LAUNCH, "--machine_rank", "1"]
+    # What srun starts on node 1, with PYTHON a stand-in that prints its arguments and a PATH
+    # that holds no accelerate.
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    python.chmod(0o755)
+    train = _commands(result.stdout)[-1]
+    step = [str(python) if arg == sys.executable else arg for arg in train[train.index("bash") :]]
+    started = subprocess.run(
+        [shutil.which("bash"), *step[1:]],
+        env={"PATH": str(tmp_path / "empty"), "SLURM_NODEID": "1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.splitlines() == node_argv[1:]
+
+
+@pytest.mark.parametrize("job_id", [0, 777, 44999])
+def test_main_port_default_lies_below_the_ephemeral_port_range(job_id):
+    """Linux takes outgoing connections' ports from 32768-60999: one there can be in use."""
+    result = _dry_run(SLURM_JOB_NODELIST="g1", SLURM_NNODES=1, SLURM_JOB_ID=job_id)
+    assert result.returncode == 0, result.stderr
+    port = int(_option(_commands(result.stdout)[-1], "--main_process_port"))
+    assert port == 15000 + job_id % 15000
+    assert f"main address g1:{port};" in result.stdout
+
+
+class _FakeJob:
+    """submitit.JobEnvironment of global rank 13, the 6th task on the 2nd of 2 nodes."""
+
+    job_id = "4242_1"
+    hostnames = ("g1", "g2")
+    global_rank, local_rank, num_tasks, num_nodes = 13, 5, 16, 2
+
+
+@pytest.mark.parametrize(("visible", "local_rank"), [(8, "5"), (1, "0"), (0, "5")])
+def test_train_task_local_rank_is_a_device_index_the_task_has(monkeypatch, visible, local_rank):
+    """All 8 GPUs visible to every task: its GPU is its local rank; bound one GPU per task
+    (a single visible GPU): 0, not 5 ("invalid device ordinal"); no GPU: the local rank."""
+    import submitit
+
+    monkeypatch.setattr(submitit, "JobEnvironment", _FakeJob)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    env = TrainTask(["true"]).environment()
+    assert env["LOCAL_RANK"] == local_rank
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("13", "16", "8")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("g1", str(15000 + 42421 % 15000))
 
 
 def test_submit_writes_extraction_arrays_and_dependent_training_job(tmp_path):

@@ -11,6 +11,8 @@ same command redoes only unfinished shards. Damaged samples (corrupt image, miss
 label, truncated tar) are skipped and listed in manifest.json; --strict stops at the first.
 When every shard is done, rank 0 (or, without a process group, whichever rank finishes last)
 writes the text features of all class names, the labels, keys, counts and manifest.json.
+Images and class names are encoded under one autocast (--precision, candle_dist/precision.py),
+recorded in the store so that `predict` encodes its images the same way.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from candle_dist.features.store import (
     write_part,
 )
 from candle_dist.features.transforms import ImagePreprocessor, PreprocessSpec
+from candle_dist.precision import PRECISIONS, autocast, resolve_precision
 
 IDENTITY_FILE = "extract.json"
 
@@ -105,12 +108,18 @@ def distributed_env(environ: dict | None = None) -> DistEnv:
 
 
 def resolve_device(name: str, env: DistEnv) -> torch.device:
+    """This rank's device. A GPU is the local rank's among those visible (all of the node's, or
+    just its own where SLURM binds one GPU per task) and becomes the current device: CUDA work
+    that names no device, such as the loader's pin-memory thread, otherwise opens a context on
+    GPU 0 from every rank of the node."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise UserInputError("--device cuda: no CUDA device visible; use --device cpu")
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     if name != "cpu":
         raise UserInputError(f"--device {name!r}: choose auto, cpu or cuda")
     return torch.device("cpu")
@@ -215,6 +224,7 @@ class _Settings:
     workers: int
     strict: bool
     dtype: str
+    precision: str
     progress: bool
 
 
@@ -351,6 +361,7 @@ def extract(
     workers: int | None = None,
     strict: bool = False,
     device: str = "auto",
+    precision: str = "auto",
     dtype: str = "float16",
     split: str = "auto",
     seed: int = 0,
@@ -359,6 +370,7 @@ def extract(
     """Extract this rank's unfinished shards into the store `output`; finalize when all are done.
 
     `model` defaults to the stem of `model_config` when one is given, else ViT-B-32.
+    `precision` (auto, bf16, fp32) is resolved on the device and recorded in the store.
 
     Returns this rank's figures: shards and samples done here, seconds in total, in the
     encoder and waiting for the loader, and whether the store was completed by this call.
@@ -376,6 +388,7 @@ def extract(
         fill_template(template, plan.classnames[0], info[0] if info else None)
     env = distributed_env()
     dev = resolve_device(device, env)
+    precision = resolve_precision(precision, dev, "--precision")
     model = model or (Path(model_config).stem if model_config else "ViT-B-32")
     clip, _, tokenizer = load_clip(model, pretrained, model_config, device=dev)
     spec = PreprocessSpec.from_model(clip)
@@ -388,6 +401,7 @@ def extract(
         "dim": dim,
         "num_views": views,
         "dtype": dtype,
+        "precision": precision,
         "image_size": list(spec.size),
         "view_seed": seed,
     }
@@ -404,11 +418,13 @@ def extract(
         say(
             f"rank {env.rank}/{env.world_size} ({env.launcher}): {len(jobs)} shard(s) to encode of "
             f"{len(plan.urls)}; {model} ({weights}), dim {dim}, {views} view(s), {dev}, "
-            f"{workers} loader worker(s)",
+            f"{precision}, {workers} loader worker(s)",
             file=sys.stderr,
         )
         prep = ImagePreprocessor(spec, views=views, seed=seed)
-        settings = _Settings(dev, dim, views, batch_size, workers, strict, dtype, progress)
+        settings = _Settings(
+            dev, dim, views, batch_size, workers, strict, dtype, precision, progress
+        )
         stats = _encode(clip, prep, jobs, plan, settings)
         stats.update(rank=env.rank, world_size=env.world_size, store=str(plan.output))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -462,7 +478,7 @@ def _encode(clip, prep: ImagePreprocessor, jobs: list[_Job], plan: _Plan, run: _
                 )
             tick = time.perf_counter()
             if len(batch["keys"]):
-                buffer.features.append(_encode_batch(clip, prep, batch["pixels"], run.device))
+                buffer.features.append(_encode_batch(clip, prep, batch["pixels"], run))
             encoder_s += time.perf_counter() - tick
             buffer.labels += batch["labels"].tolist()
             buffer.keys += batch["keys"]
@@ -483,15 +499,14 @@ def _encode(clip, prep: ImagePreprocessor, jobs: list[_Job], plan: _Plan, run: _
     return stats
 
 
-def _encode_batch(clip, prep: ImagePreprocessor, pixels: torch.Tensor, dev) -> np.ndarray:
+def _encode_batch(
+    clip, prep: ImagePreprocessor, pixels: torch.Tensor, run: _Settings
+) -> np.ndarray:
     """[b, 1 + K, 3, H, W] uint8 pixels -> [b, 1 + K, D] float32 features."""
     b, v = pixels.shape[:2]
-    x = prep.normalize(pixels.flatten(0, 1).to(dev, non_blocking=True))
+    x = prep.normalize(pixels.flatten(0, 1).to(run.device, non_blocking=True))
     x = x.contiguous(memory_format=torch.channels_last)
-    with (
-        torch.inference_mode(),
-        torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"),
-    ):
+    with torch.inference_mode(), autocast(run.device, run.precision):
         features = clip.encode_image(x)
     return features.float().cpu().numpy().reshape(b, v, -1)
 
@@ -518,7 +533,13 @@ def _write_shard(plan: _Plan, batch: dict, buffer: _ShardBuffer, run: _Settings)
 def _finalize(plan: _Plan, clip, tokenizer, templates, info, identity: dict, dev) -> None:
     """Text features, labels, keys, counts and, last, the manifest."""
     text = encode_classnames(
-        clip, tokenizer, plan.classnames, templates, device=dev, class_info=info
+        clip,
+        tokenizer,
+        plan.classnames,
+        templates,
+        device=dev,
+        class_info=info,
+        precision=identity["precision"],
     )
     finalize_store(
         plan.output,
@@ -579,6 +600,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--strict", action="store_true", help="stop at the first bad sample")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="autocast of the CLIP encoders, recorded in the store for predict: bf16 or fp32 "
+        "(auto: bf16 on GPUs with native bf16, fp32 elsewhere) (default: auto)",
+    )
     parser.add_argument("--dtype", default="float16", choices=DTYPES, help="stored feature type")
     parser.add_argument(
         "--split",
@@ -605,6 +633,7 @@ def main(args: argparse.Namespace) -> int:
         workers=args.workers,
         strict=args.strict,
         device=args.device,
+        precision=args.precision,
         dtype=args.dtype,
         split=args.split,
         seed=args.seed,

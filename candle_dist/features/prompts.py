@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from candle_dist.errors import UserInputError
+from candle_dist.precision import autocast, resolve_precision
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 FIELD = re.compile(r"\{(\w+)\}")
@@ -79,15 +80,16 @@ def encode_classnames(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     class_info: Sequence[dict[str, str]] | None = None,
+    precision: str = "auto",
 ) -> torch.Tensor:
-    """Text features [C, D] float32: per class, the mean over templates of the raw text output."""
+    """Text features [C, D] float32: per class, the mean over templates of the raw text output,
+    encoded under the autocast of `precision` (auto, bf16, fp32; see candle_dist/precision.py),
+    which extraction sets to its images' so that a store's two kinds of features agree."""
     templates = check_templates(templates)
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     total = None
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
-    ):
+    with torch.inference_mode(), autocast(device, precision):
         for template in templates:
             prompts = [
                 fill_template(template, name, class_info[i] if class_info else None)

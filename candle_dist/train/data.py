@@ -83,7 +83,7 @@ def training_data_from_store(path: str) -> TrainingData:
         num_views=int(store.num_views),
         views=store.views if store.num_views else None,
         source=str(path),
-        clip={k: store.manifest.get(k) for k in ("model", "pretrained", "model_config", "dim")},
+        clip={k: store.manifest.get(k) for k in ("model", "pretrained", "model_config", "dim", "precision")},
     )
 
 
