@@ -42,6 +42,7 @@ class ClipConfig:
     batch_size: int = 256
     workers: int = 8
     views: int = 0  # augmented views per training image (0 = none)
+    precision: str = "auto"  # extraction autocast: auto, bf16, fp32 (README "GPUs and precision")
 
 
 @dataclass
@@ -87,7 +88,12 @@ class TrainConfig:
     log_every: int = 20
     eval_batch_size: int = 1024
     eval_every_epoch: bool = False  # evaluate after every epoch (else only at the end)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
+    # auto (bf16 autocast on GPUs with native bf16, else fp32), bf16, fp32: README "GPUs and
+    # precision"
+    precision: str = "auto"
+    # how long a rank waits in a collective before the process group gives up (NCCL's default
+    # is 10 minutes; rank 0 exporting a 10^5-class classifier can take longer)
+    dist_timeout_minutes: float = 60.0
     # Sampled mode (10^5-10^6 classes): per step, the batch's classes plus this fraction of the
     # others serve as prototype rows, attention tokens and logit columns. 0 = exact objective.
     class_sample_fraction: float = 0.0

@@ -74,17 +74,34 @@ def test_train_then_eval(stores, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "message"),
     [
-        ["train", "data.train=/nonexistent/store"],
-        ["train", "optim.learning_rate=0.1"],
-        ["eval", "--checkpoint", "/nonexistent", "--features", "/nonexistent"],
+        (["train", "data.train=/nonexistent/store"], "/nonexistent/store"),
+        (["train", "optim.learning_rate=0.1"], "learning_rate"),
+        (["eval", "--checkpoint", "/nonexistent", "--features", "/nonexistent"], "nonexistent"),
+        (["eval", "--checkpoint", "x", "--features", "y", "--device", "tpu"], "cuda:N"),
+        (["eval", "--checkpoint", "x", "--features", "y", "--device", "cuda:3"], "--device cpu"),
     ],
 )
-def test_bad_input_is_one_error_line(argv, capsys):
+def test_bad_input_is_one_error_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("candle-dist ") and "error:" in err[0]
+    assert message in err[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.precision=fp16", "train.precision='fp16': choose one of auto, bf16, fp32"),
+        ("train.dist_timeout_minutes=0", "train.dist_timeout_minutes=0.0 must be positive"),
+    ],
+)
+def test_bad_precision_or_timeout_is_one_error_line(stores, tmp_path, override, message, capsys):
+    argv = ["train", f"data.train={stores / 'train'}", f"train.output={tmp_path}", override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 def test_eval_with_a_foreign_checkpoint(stores, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Trainer: the method's claims on long-tailed features, exact kill -9 resume, bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -63,10 +64,10 @@ def test_cla_beats_ce_on_few_shot_and_zero_shot_on_base(tmp_path, long_tailed):
     assert (tmp_path / "cla" / "final" / "head.pt").exists()
 
 
-def _run(output, mode):
+def _run(output, mode, *overrides):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "train_script.py"), str(output), mode],
+        [sys.executable, str(ROOT / "tests" / "train_script.py"), str(output), mode, *overrides],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -93,6 +94,24 @@ def test_kill_minus_nine_then_resume_equals_uninterrupted(tmp_path):
     straight, resumed = _final(tmp_path / "straight"), _final(tmp_path / "killed")
     for name, value in straight.items():
         assert torch.allclose(value, resumed[name], rtol=1e-6, atol=1e-7), name
+
+
+def _losses(output) -> list[float]:
+    records = map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_bf16_precision_trains_under_autocast_close_to_fp32(tmp_path):
+    """train.precision=bf16 is bf16 autocast on any device (the CPU here): the same run's losses
+    within bf16 rounding of fp32's, and not identical to them (autocast was on)."""
+    runs = {p: _run(tmp_path / p, "fresh", "optim.epochs=2", f"train.precision={p}") for p in
+            ("fp32", "bf16")}  # fmt: skip
+    assert all(run.wait(timeout=300) == 0 for run in runs.values())
+    fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
+    assert len(fp32) == len(bf16) > 2
+    assert fp32 != bf16
+    for step, (want, got) in enumerate(zip(fp32, bf16, strict=True)):
+        assert abs(got - want) <= 0.02 * want, (step, got, want)
 
 
 def test_checkpoints_load_weights_only(tmp_path, long_tailed):

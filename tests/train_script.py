@@ -1,4 +1,7 @@
-"""Subprocess body for the kill-and-resume test: a small synthetic training run."""
+"""Subprocess body for the kill-and-resume and precision tests: a small synthetic training run.
+
+python tests/train_script.py OUTPUT fresh|resume [section.key=value ...]
+"""
 
 import sys
 
@@ -25,6 +28,7 @@ if __name__ == "__main__":
             "optim.lr=0.01",
             "head.num_heads=4",
             "train.checkpoint_every=7",
+            *sys.argv[3:],
         ],
     )
     fit(cfg, train, resume=resume)

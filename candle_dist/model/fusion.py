@@ -34,17 +34,27 @@ class Fusion(nn.Module):
     `ratio`) match the published Candle head, so its checkpoints load directly.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, attn_dropout: float = 0.1, mask: str = "none"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        attn_dropout: float = 0.1,
+        mask: str = "none",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
+        made = {"device": device, "dtype": dtype}  # made there, not moved (see CandleHead)
         if mask not in MASK_MODES:
             choices = ", ".join(MASK_MODES)
             raise UserInputError(f"unknown mask mode {mask!r}: choose one of {choices}")
         if dim % num_heads:
             raise UserInputError(f"feature dim {dim} is not divisible by num_heads={num_heads}")
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, **made)
         # Holds the parameters under torch's names; the computation below is our own.
-        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=attn_dropout)
-        self.ratio = nn.Parameter(torch.tensor([0.1]))
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=attn_dropout, **made)
+        self.ratio = nn.Parameter(torch.tensor([0.1], **made))
         self.mask = mask
         self.num_heads = num_heads
         self.attn_dropout = attn_dropout

@@ -66,9 +66,13 @@ class CandleHead(nn.Module):
         attn_dropout: float = 0.1,
         comm: ClassGroup | None = None,
         chunk_rows: int = 1024,
+        device: torch.device | str | None = None,
     ):
         super().__init__()
         text_features, visual_prototypes = _check_class_tensors(text_features, visual_prototypes)
+        # Every tensor is made on `device` (default: the text features'), not moved there later:
+        # construction is then the same code on every device, fake CUDA included (tests).
+        device = torch.device(device) if device is not None else text_features.device
         if virtual_init not in VIRTUAL_INITS:
             raise UserInputError(
                 f"unknown virtual_init {virtual_init!r}: choose one of {', '.join(VIRTUAL_INITS)}"
@@ -97,23 +101,30 @@ class CandleHead(nn.Module):
         else:
             noise = torch.randn(num_classes - num_base, dim, dtype=text_features.dtype) * 0.05
             virtual = visual_prototypes.mean(0, keepdim=True) + noise
-        self.register_buffer("text_features", text_features[start:stop].clone())
+        dtype = text_features.dtype
+        self.register_buffer("text_features", text_features[start:stop].to(device, copy=True))
         local_protos = visual_prototypes[start : start + self.local_base]
-        self.register_buffer("visual_prototypes", local_protos.clone())
+        self.register_buffer("visual_prototypes", local_protos.to(device, copy=True))
         self.virtual_prototypes = nn.Parameter(
-            virtual[new_start - num_base : max(stop, num_base) - num_base].clone()
+            virtual[new_start - num_base : max(stop, num_base) - num_base].to(device, copy=True)
         )
-        self.proj_image = nn.Parameter(torch.eye(dim, dtype=text_features.dtype))
-        self.proj_text = nn.Parameter(torch.eye(dim, dtype=text_features.dtype))
-        self.fusion = Fusion(dim, num_heads, attn_dropout, mask).to(text_features.dtype)
+        self.proj_image = nn.Parameter(torch.eye(dim, dtype=dtype, device=device))
+        self.proj_text = nn.Parameter(torch.eye(dim, dtype=dtype, device=device))
+        self.fusion = Fusion(dim, num_heads, attn_dropout, mask, device=device, dtype=dtype)
 
     # ----------------------------------------------------------------------------- forward
     def forward(
-        self, image_features: torch.Tensor, phase: str = "train"
+        self,
+        image_features: torch.Tensor,
+        phase: str = "train",
+        image_sizes: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits0, logits_vt, logits_vv): rows = all ranks' images (+ one row per class in
-        "train"), columns = this rank's classes (all classes with one process)."""
-        enc = self._encode(image_features, phase)
+        "train"), columns = this rank's classes (all classes with one process).
+
+        `image_sizes` (every rank's image count) saves the all-gather and host sync that would
+        find them."""
+        enc = self._encode(image_features, phase, image_sizes=image_sizes)
         return (
             self.scale * enc.rows0 @ enc.text0.t(),
             self.scale * enc.rows @ enc.text.t(),
@@ -126,6 +137,7 @@ class CandleHead(nn.Module):
         labels: torch.Tensor,
         criterion: AdjustedCrossEntropy,
         classes: torch.Tensor | None = None,
+        image_sizes: list[int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss `criterion(logits0) + criterion(logits_vt) + criterion(logits_vv)`.
 
@@ -135,6 +147,8 @@ class CandleHead(nn.Module):
         Sampled mode: `classes` (sorted global ids within this rank's range, covering every
         class of the batch) restricts prototype rows, attention tokens and logit columns to
         those classes; the logit adjustment still comes from the full prior.
+
+        `image_sizes`: every rank's image count, if known (see `forward`).
         """
         if criterion.num_classes != self.num_classes:
             raise UserInputError(
@@ -144,17 +158,18 @@ class CandleHead(nn.Module):
         device, sampled = labels.device, classes is not None
         if sampled:
             classes = classes.to(device)
-            class_sizes = self.comm.sizes_of(classes.shape[0], device)
+            class_sizes = self.comm.sizes_of(classes.shape[0])
             all_classes = self.comm.gather_constant(classes, class_sizes)
         else:
             classes = torch.arange(self.class_start, self.class_stop, device=device)
             class_sizes = self.class_partition.sizes
             all_classes = torch.arange(self.num_classes, device=device)
         col_start = sum(class_sizes[: self.comm.rank])
-        enc = self._encode(image_features, "train", classes - self.class_start if sampled else None)
-        image_labels = self.comm.gather_constant(
-            labels, self.comm.sizes_of(labels.shape[0], device)
-        )
+        if image_sizes is None:
+            image_sizes = self.comm.sizes_of(labels.shape[0])
+        local_classes = classes - self.class_start if sampled else None
+        enc = self._encode(image_features, "train", local_classes, image_sizes)
+        image_labels = self.comm.gather_constant(labels, image_sizes)
         # logit columns are positions in `all_classes`; the criterion's reduction sees class ids
         targets = torch.cat([image_labels, all_classes])
         positions = torch.searchsorted(all_classes, targets) if sampled else targets
@@ -184,7 +199,11 @@ class CandleHead(nn.Module):
         return total, {name: value.detach() for name, value in parts.items()}
 
     def _encode(
-        self, image_features: torch.Tensor, phase: str, local_classes: torch.Tensor | None = None
+        self,
+        image_features: torch.Tensor,
+        phase: str,
+        local_classes: torch.Tensor | None = None,
+        image_sizes: list[int] | None = None,
     ) -> _Encoded:
         if phase not in PHASES:
             raise UserInputError(f"unknown phase {phase!r}: use 'train' or 'test'")
@@ -194,14 +213,20 @@ class CandleHead(nn.Module):
                 f"{self.dim}]: the image tower's dimension must match the text features'"
             )
         comm = self.comm
-        image_sizes = comm.sizes_of(image_features.shape[0], image_features.device)
+        if image_sizes is None:
+            image_sizes = comm.sizes_of(image_features.shape[0])
+        elif image_sizes[comm.rank] != image_features.shape[0]:
+            raise ValueError(
+                f"image_sizes {image_sizes} give rank {comm.rank} {image_sizes[comm.rank]} rows, "
+                f"but it holds {image_features.shape[0]}"
+            )
         image_features = image_features.to(self.proj_image.dtype)
         class_protos, class_texts = self.prototypes(), self.class_text_features()
         if local_classes is None:
             class_sizes = self.class_partition.sizes
         else:
             class_protos, class_texts = class_protos[local_classes], class_texts[local_classes]
-            class_sizes = comm.sizes_of(local_classes.shape[0], image_features.device)
+            class_sizes = comm.sizes_of(local_classes.shape[0])
 
         images = image_features @ self.proj_image
         protos = class_protos @ self.proj_image

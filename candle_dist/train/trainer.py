@@ -18,6 +18,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from candle_dist.model.head import CandleHead
 from candle_dist.model.losses import build_loss
 from candle_dist.parallel.comm import ClassGroup
 from candle_dist.parallel.partition import Partition
+from candle_dist.precision import resolve_precision
 from candle_dist.train import checkpoint as ckpt
 from candle_dist.train.data import EvalData, TrainingData, validate
 from candle_dist.train.optimizer import HeadSGD, build_optimizer, skip_deepspeed_shm_build
@@ -47,18 +51,30 @@ class Preempted(Exception):
     """Raised after a checkpoint was written because SIGUSR1/SIGTERM arrived."""
 
 
-def make_accelerator(precision: str = "auto"):
-    """An Accelerator that really has N ranks under `accelerate launch`/torchrun, GPU or not."""
+def make_accelerator(precision: str = "auto", dist_timeout_minutes: float = 60.0):
+    """An Accelerator that really has N ranks under `accelerate launch`/torchrun, GPU or not,
+    with bf16 autocast where `precision` resolves to it (candle_dist.precision) and the process
+    group's collective timeout set to `dist_timeout_minutes`."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
+    if not dist_timeout_minutes > 0:
+        raise UserInputError(
+            f"train.dist_timeout_minutes={dist_timeout_minutes} must be positive (minutes a rank "
+            "waits in a collective; NCCL's default is 10)"
+        )
     cuda = torch.cuda.is_available()
-    mixed = "bf16" if cuda and precision in ("auto", "bf16") else "no"
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    mixed = "bf16" if resolve_precision(precision, device, "train.precision") == "bf16" else "no"
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed:
         skip_deepspeed_shm_build()
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=dist_timeout_minutes))
     # cpu=True is how Accelerate sets up gloo ranks without GPUs, but it also turns DeepSpeed off;
     # DeepSpeed sets up its own group (gloo on CPU).
-    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision=mixed)
+    accelerator = Accelerator(
+        cpu=not cuda and not deepspeed, mixed_precision=mixed, kwargs_handlers=[timeout]
+    )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Under DeepSpeed on CPU, Accelerate reports one process whatever the group: ask torch.
     ranks = dist.get_world_size() if dist.is_initialized() else 1
@@ -71,7 +87,7 @@ def make_accelerator(precision: str = "auto"):
     return accelerator
 
 
-def build_head(cfg: Config, train: TrainingData, comm: ClassGroup) -> CandleHead:
+def build_head(cfg: Config, train: TrainingData, comm: ClassGroup, device=None) -> CandleHead:
     protos = class_means(train.features, train.labels, train.num_base_classes)
     logit_scale = cfg.head.logit_scale if cfg.head.logit_scale is not None else train.logit_scale
     torch.manual_seed(cfg.train.seed)  # the "visual" virtual-prototype noise
@@ -79,15 +95,24 @@ def build_head(cfg: Config, train: TrainingData, comm: ClassGroup) -> CandleHead
         text_features=train.text_features,
         visual_prototypes=protos,
         comm=comm,
+        device=device,
         **head_options(cfg, logit_scale),
     )
 
 
 class _StopFlag:
-    """Set by SIGUSR1/SIGTERM; checked (and agreed on across ranks) at step boundaries."""
+    """Set by SIGUSR1/SIGTERM; agreed on across ranks at step boundaries, one step late.
+
+    Every step all-reduces (MAX) this rank's flag on the collective device and copies the vote
+    to the host without waiting; the next step boundary reads it, by when the copy is long done.
+    So a GPU never idles for a per-step host sync, and all ranks stop at the same step: one
+    after the first step boundary that saw the signal on some rank.
+    """
 
     def __init__(self) -> None:
         self.raised = False
+        self._vote: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -95,8 +120,27 @@ class _StopFlag:
         self.raised = True
 
     def agreed(self, comm: ClassGroup) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
-        return bool(comm.all_reduce(flag, "max").item() > 0) if comm.distributed else self.raised
+        """Whether some rank had seen a signal at the previous step boundary (the vote is
+        started here for the next one)."""
+        if not comm.distributed:
+            return self.raised
+        previous = self._read_vote()
+        flag = comm.all_reduce(comm.flag(self.raised), "max")
+        if flag.device.type == "cuda":
+            self._vote = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            self._vote.copy_(flag, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._vote = flag
+        return previous
+
+    def _read_vote(self) -> bool:
+        if self._vote is None:
+            return False
+        if self._ready is not None:
+            self._ready.synchronize()
+        return bool(self._vote[0] > 0)
 
 
 def fit(
@@ -110,9 +154,11 @@ def fit(
 ) -> dict[str, Any]:
     """Train the head per `cfg`, checkpointing as it goes; returns final metrics (if `val`)."""
     validate(train, val)
-    accelerator = accelerator or make_accelerator(cfg.train.precision)
+    accelerator = accelerator or make_accelerator(
+        cfg.train.precision, cfg.train.dist_timeout_minutes
+    )
     device = accelerator.device
-    comm = ClassGroup()
+    comm = ClassGroup(device=device)
     is_main = comm.rank == 0
     output = Path(cfg.train.output)
     ckpt_dir = output / "checkpoints"
@@ -120,7 +166,7 @@ def fit(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    head = build_head(cfg, train, comm).to(device)
+    head = build_head(cfg, train, comm, device)
     criterion = build_loss(cfg.loss.name, train.counts, **_loss_options(cfg)).to(device)
     num_samples = len(train.labels)
     batch = cfg.optim.batch_size
@@ -146,8 +192,9 @@ def fit(
             order = _epoch_order(cfg.train.seed, epoch, num_samples)
             view_ids = _epoch_views(cfg.train.seed, epoch, num_samples, train.num_views)
             indices = order[in_epoch * batch : (in_epoch + 1) * batch]
-            share = Partition(len(indices), comm.world_size).range(comm.rank)
-            local = indices[share[0] : share[1]]
+            shares = Partition(len(indices), comm.world_size)
+            lo, hi = shares.range(comm.rank)
+            local = indices[lo:hi]
             features = train.rows(local, None if view_ids is None else view_ids[local]).to(device)
             labels = torch.as_tensor(train.labels[local], dtype=torch.long, device=device)
 
@@ -165,10 +212,9 @@ def fit(
                 ).to(device)
             # attention dropout: one seed on every rank (masks are keyed by global token ids)
             torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101)
-            head.train()
-            with autocast():
-                loss, parts = head.loss(features, labels, criterion, classes)
-            optimizer.backward_and_step(loss)
+            loss, parts = train_step(
+                head, optimizer, autocast, criterion, features, labels, classes, shares.sizes
+            )
             step += 1
             progress.update(1)
 
@@ -186,9 +232,12 @@ def fit(
                 if not (step % cfg.train.checkpoint_every == 0 or epoch_end):
                     _save(ckpt_dir, head, optimizer, step, epoch, cfg)
                 raise Preempted(f"stopped by a signal at step {step}; resume with --resume")
-            if val is not None and cfg.train.eval_every_epoch and epoch_end and log is not None:
+            if val is not None and cfg.train.eval_every_epoch and epoch_end:
+                # every rank: evaluation's collectives pair up only if all ranks run it
                 metrics = evaluate(head, val, train, cfg.train.eval_batch_size, device)
-                log.write(json.dumps({"step": step, "epoch": epoch, "eval": metrics}) + "\n")
+                if log is not None:
+                    log.write(json.dumps({"step": step, "epoch": epoch, "eval": metrics}) + "\n")
+                    log.flush()
     finally:
         progress.close()
         if log is not None:
@@ -198,6 +247,25 @@ def fit(
     if step >= total_steps:
         results.update(_finish(cfg, head, train, val, output, device))
     return results
+
+
+def train_step(
+    head: CandleHead,
+    optimizer: HeadSGD,
+    autocast: Callable[[], AbstractContextManager],
+    criterion,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: torch.Tensor | None,
+    image_sizes: list[int],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step on this rank's share of the global batch (every rank's count in `image_sizes`):
+    loss under the run's autocast, backward, replicated gradients summed, parameters updated."""
+    head.train()
+    with autocast():
+        loss, parts = head.loss(features, labels, criterion, classes, image_sizes)
+    optimizer.backward_and_step(loss)
+    return loss, parts
 
 
 def _save(ckpt_dir: Path, head, optimizer: HeadSGD, step: int, epoch: int, cfg: Config) -> None:
@@ -249,10 +317,13 @@ def _epoch_views(seed: int, epoch: int, num_samples: int, num_views: int) -> np.
 
 
 @torch.no_grad()
-def predict_scores(head: CandleHead, features: torch.Tensor) -> torch.Tensor:
-    """Test-phase scores `logits_vt + logits_vv` over all classes (columns gathered)."""
+def predict_scores(
+    head: CandleHead, features: torch.Tensor, image_sizes: list[int] | None = None
+) -> torch.Tensor:
+    """Test-phase scores `logits_vt + logits_vv` over all classes (columns gathered);
+    `image_sizes` as in `CandleHead.forward`."""
     head.eval()
-    _, logits_vt, logits_vv = head(features, phase="test")
+    _, logits_vt, logits_vv = head(features, phase="test", image_sizes=image_sizes)
     scores = (logits_vt + logits_vv).float()
     if head.comm.distributed:
         sizes = head.class_partition.sizes
@@ -270,9 +341,10 @@ def evaluate(
     total = len(val.labels)
     for start in tqdm(range(0, total, batch_size), desc="eval", disable=comm.rank != 0):
         stop = min(start + batch_size, total)
-        lo, hi = Partition(stop - start, comm.world_size).range(comm.rank)
+        shares = Partition(stop - start, comm.world_size)
+        lo, hi = shares.range(comm.rank)
         rows = torch.as_tensor(np.asarray(val.features[start + lo : start + hi], dtype=np.float32))
-        scores = predict_scores(head, rows.to(device))
+        scores = predict_scores(head, rows.to(device), shares.sizes)
         acc.update(scores.cpu(), val.labels[start:stop])
     return acc.compute()
 
@@ -313,8 +385,11 @@ def _finish(cfg, head, train, val, output: Path, device) -> dict[str, Any]:
         tmp = final / "head_meta.json.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, final / "head_meta.json")
-        single = CandleHead.from_state_dict(full, **options)
+        # on the accelerator: on the CPU this takes longer than NCCL's default timeout at 10^5
+        # classes, while the other ranks wait in the next collective
+        single = CandleHead.from_state_dict(full, device=device, **options)
         export_classifier(single, final / "classifier.pt", train.classnames)
+        del single
     if val is not None:
         metrics = evaluate(head, val, train, cfg.train.eval_batch_size, device)
         results["eval"] = metrics
