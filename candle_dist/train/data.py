@@ -14,6 +14,10 @@ from candle_dist.errors import UserInputError
 DEFAULT_LOGIT_SCALE = math.log(100.0)  # OpenAI CLIP's learned temperature, s = 100
 
 
+# what the training store says of the CLIP that made it, kept in checkpoints for predict
+CLIP_FIELDS = ("model", "pretrained", "model_config", "dim", "precision")
+
+
 @dataclass
 class TrainingData:
     """Training split. `features` is any [N, D] array indexable by an int array (memory-mapped
@@ -83,7 +87,7 @@ def training_data_from_store(path: str) -> TrainingData:
         num_views=int(store.num_views),
         views=store.views if store.num_views else None,
         source=str(path),
-        clip={k: store.manifest.get(k) for k in ("model", "pretrained", "model_config", "dim", "precision")},
+        clip={k: store.manifest.get(k) for k in CLIP_FIELDS},
     )
 
 
