@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from candle_dist.model import attention as attention_module
-from candle_dist.model import native
+from candle_dist.model import native, softmax_dropout
 from candle_dist.model.softmax_dropout import DropoutKeys, keep_mask
 
 HEADS, QUERIES, KEYS, DIM = 3, 37, 29, 8
@@ -172,3 +172,30 @@ def test_a_broken_compiler_falls_back_with_a_warning(tmp_path, monkeypatch):
         assert torch.isfinite(out).all()
     finally:
         native.kernels.cache_clear()
+
+
+def test_bf16_autocast_softmax_runs_in_the_native_float32_kernel(monkeypatch, request):
+    """Under CPU bf16 autocast the chunk softmax gets float32 scores, so the compiled kernel
+    serves it as it serves fp32 training (not the slower torch code, and not in bf16)."""
+    monkeypatch.delenv("CANDLE_DIST_NATIVE", raising=False)
+    native.kernels.cache_clear()
+    request.addfinalizer(native.kernels.cache_clear)
+    if not native.kernels():
+        pytest.skip("no working C compiler here")
+    calls = []
+    select = softmax_dropout._native
+
+    def spied(scores, own):
+        kernel = select(scores, own)
+        calls.append((scores.dtype, kernel is not None))
+        return kernel
+
+    monkeypatch.setattr(softmax_dropout, "_native", spied)
+    (q, k, v, self_k, self_v), query_ids = _inputs(torch.bfloat16, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_module.attention(
+            q, k, v, dropout_p=0.1, self_k=self_k, self_v=self_v, query_ids=query_ids,
+            key_offset=KEY_OFFSET, id_stride=STRIDE,
+        )  # fmt: skip
+    out.float().sum().backward()
+    assert calls and set(calls) == {(torch.float32, True)}  # forward and backward

@@ -9,6 +9,7 @@ of classes without a prior carry a -inf bias (rows targeting them are excluded, 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from candle_dist.parallel.comm import ClassGroup
 from candle_dist.parallel.cross_entropy import class_parallel_cross_entropy
@@ -138,3 +139,28 @@ def test_tiny_probabilities_are_flushed_not_denormal():
     for mine, want in ((mine_rows.grad, dense_rows.grad), (mine_cols.grad, dense_cols.grad)):
         assert (mine.double() - want).abs().max() <= 1e-5 * want.abs().max()
     assert torch.equal(mine_cols.grad[450:], torch.zeros(50, 32))
+
+
+class _RecordOps(TorchDispatchMode):
+    """The names of the ops that run while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync():
+    """No op whose output size or value the host must wait for (nonzero, item): on a GPU each
+    would stall the stream once per chunk."""
+    rows, cols, bias, targets, upstream, _ = _problem(False)
+    rows.requires_grad_(True)
+    cols.requires_grad_(True)
+    with _RecordOps() as recorded:
+        loss = class_parallel_cross_entropy(rows, cols, SCALE, bias, targets, chunk_rows=4)
+        (upstream * loss).sum().backward()
+    assert "addmm" in recorded.ops  # the mode sees the Function's ops
+    assert not recorded.ops & {"nonzero", "item", "_local_scalar_dense", "masked_select"}

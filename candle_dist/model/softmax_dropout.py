@@ -9,7 +9,10 @@ stateful generator, so that
 Element (h, q, k) is kept iff mix32(row_key(h, q) + col_key(k)) >= round(p * 2^32), and kept
 weights are scaled by 2^32 / (2^32 - round(p * 2^32)) (= 1 / (1 - p) up to 2^-32). The compiled
 kernel (softmax_dropout.c via native.py) and the torch code here compute the same thing; the
-torch code serves other dtypes and devices, and machines without a C compiler.
+torch code serves other devices, and machines without a C compiler.
+
+Scores, log-sum-exp and gradients here are float32 or float64, also under autocast: the chunked
+attention widens its bf16 matmul products before they get here (attention.py, "Precision").
 """
 
 from __future__ import annotations
@@ -89,8 +92,8 @@ def softmax_dropout_(
     keys: DropoutKeys,
 ) -> torch.Tensor:
     """scores [H, n, K] (keys key_offset..key_offset+K-1) and `own` [H, n] (each query's own
-    token, key id = its query id) become the dropped-out softmax weights; returns the
-    log-sum-exp [H, n] (float32 or wider) for the backward."""
+    token, key id = its query id), float32 or float64, become the dropped-out softmax weights;
+    returns the log-sum-exp [H, n] for the backward."""
     kernel = _native(scores, own)
     if kernel is not None:
         lse = torch.empty(scores.shape[:2], dtype=scores.dtype)
@@ -100,7 +103,7 @@ def softmax_dropout_(
             keys.threshold, keys.keep_scale, torch.get_num_threads(),
         )  # fmt: skip
         return lse
-    full = _widened(_with_own(scores, own))
+    full = _with_own(scores, own)
     lse = torch.logsumexp(full, dim=-1)
     weights = torch.exp(full - lse[..., None])
     if keys.threshold:
@@ -132,8 +135,8 @@ def softmax_dropout_backward_(
             keys.seed, keys.threshold, keys.keep_scale, torch.get_num_threads(),
         )  # fmt: skip
         return
-    weights = torch.exp(_widened(_with_own(scores, own)) - lse[..., None])
-    upstream = _widened(_with_own(grad, own_grad))
+    weights = torch.exp(_with_own(scores, own) - lse[..., None])
+    upstream = _with_own(grad, own_grad)
     if keys.threshold:
         kept = _keep(keys, scores, own, query_ids, key_offset).to(weights.dtype) * keys.keep_scale
         upstream = upstream * kept
@@ -150,11 +153,6 @@ def _native(scores: torch.Tensor, own: torch.Tensor | None):
     if own is not None and not own.is_contiguous():
         return None
     return native.kernels().get(scores.dtype)
-
-
-def _widened(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision scores get their softmax in float32."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _with_own(scores: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:

@@ -5,15 +5,75 @@ chunk of rows at a time; the log-sum-exp over the class dimension is combined ac
 an all-reduce MAX and SUM (as in Megatron's vocab-parallel cross-entropy); the target logit comes
 from the rank that owns the target class. Backward recomputes each chunk's logits, so memory is
 O(chunk x C_local + (R + C_local) x D) instead of O(R x C).
+
+Precision, the rule of every custom autograd Function of the head (`matmul_dtype`, `matmul`;
+the chunked attention imports them): the Function runs with autocast off and picks each op's
+dtype itself. Matmuls take their operands in the dtype autocast would give them (bf16 under
+bf16 autocast) and their products are widened to float32 at once; scale, bias, log-sum-exp,
+softmax and gradient accumulation run in float32 (float64 for float64 inputs). Forward and
+backward compute a chunk's logits by the same ops, so backward's softmax is normalized by the
+log-sum-exp of exactly those logits, and the target logit is read from them too: a row's loss
+`lse - target` is never negative.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from contextlib import AbstractContextManager
 
 import torch
 
 from candle_dist.parallel.comm import ClassGroup
+
+
+def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a custom autograd Function runs its matmuls over `tensors` in: the autocast
+    dtype when autocast is on for their device (autocast leaves float64 alone), else their
+    promoted dtype."""
+    promoted = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    device = tensors[0].device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if promoted != torch.float64 and autocast:
+        return torch.get_autocast_dtype(device)
+    return promoted
+
+
+def autocast_off(device: torch.device) -> AbstractContextManager:
+    """Autocast disabled on `device`, for the ops whose dtype a Function picks itself (nothing
+    to disable on devices without autocast, such as meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def accumulate_dtype(matmul_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of everything but the matmul products: the matmul dtype, at least float32."""
+    return torch.promote_types(matmul_dtype, torch.float32)
+
+
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """a @ b (2-D, or batched 3-D) with the product in `dtype` (the matmul dtype), widened to
+    `accumulate_dtype(dtype)` (written to `out` if given). Operands already in `dtype` when
+    that is the accumulation dtype."""
+    product = torch.mm if a.ndim == 2 else torch.bmm
+    if dtype == accumulate_dtype(dtype):
+        return product(a, b, out=out)
+    result = product(a.to(dtype), b.to(dtype))
+    return result.to(accumulate_dtype(dtype)) if out is None else out.copy_(result)
+
+
+def matmul_add_(
+    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0
+) -> None:
+    """out += alpha * a @ b (2-D, or batched 3-D), the product in `dtype` (see `matmul`)."""
+    if dtype == accumulate_dtype(dtype):
+        (out.addmm_ if out.ndim == 2 else out.baddbmm_)(a, b, alpha=alpha)
+    else:
+        out.add_(matmul(a, b, dtype), alpha=alpha)
 
 
 def class_parallel_cross_entropy(
@@ -31,14 +91,16 @@ def class_parallel_cross_entropy(
 
     rows [R, D] (all rows), cols [C_local, D] (this rank's classes, global ids starting at
     `col_start`), bias [C_local] added to the logits (a logit adjustment; no gradient),
-    targets [R] global class ids.
+    targets [R] global class ids. The loss is float32 (float64 for float64 inputs), also under
+    autocast.
     """
     comm = comm or ClassGroup(distributed=False)
-    if bias is None:
-        bias = cols.new_zeros(cols.shape[0])
+    dtype = matmul_dtype(rows, cols)
+    bias = cols.new_zeros(cols.shape[0]) if bias is None else bias
     return _ChunkedCrossEntropy.apply(
-        rows, cols, float(scale), bias.to(cols.dtype), targets, col_start, comm, chunk_rows
-    )
+        rows, cols, float(scale), bias.to(accumulate_dtype(dtype)), targets, col_start, comm,
+        chunk_rows, dtype,
+    )  # fmt: skip
 
 
 def _local_target_positions(targets: torch.Tensor, col_start: int, num_local: int):
@@ -47,12 +109,19 @@ def _local_target_positions(targets: torch.Tensor, col_start: int, num_local: in
     return owned, local.clamp(0, max(num_local - 1, 0))
 
 
+def _chunk_logits(
+    chunk: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """`scale * chunk @ cols^T + bias` in bias's dtype, the product in `dtype`."""
+    if dtype == bias.dtype:
+        return torch.addmm(bias, chunk, cols.t(), alpha=scale)
+    return matmul(chunk, cols.t(), dtype).mul_(scale).add_(bias)
+
+
 def _flushed_exp_(x: torch.Tensor) -> torch.Tensor:
-    """exp in place, flushing results below e^(log(smallest normal) + 1) to 0: on CPUs denormal
-    results make exp ~10x slower, and with s ~ 100 most of a row's probabilities are that
-    small. -inf logits still give exactly 0."""
-    if x.dtype not in (torch.float32, torch.float64):
-        return x.exp_()
+    """exp in place (float32 or float64), flushing results below e^(log(smallest normal) + 1)
+    to 0: on CPUs denormal results make exp ~10x slower, and with s ~ 100 most of a row's
+    probabilities are that small. -inf logits still give exactly 0."""
     floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
     return torch.threshold_(x.clamp_(min=floor).exp_(), math.exp(floor), 0.0)
 
@@ -66,42 +135,57 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, cols, scale, bias, targets, col_start, comm, chunk_rows):
-        num_rows, num_local = rows.shape[0], cols.shape[0]
-        owned, local_target = _local_target_positions(targets, col_start, num_local)
-        local_lse = rows.new_empty(num_rows)
-        for start in range(0, num_rows, chunk_rows):
-            logits = torch.addmm(bias, rows[start : start + chunk_rows], cols.t(), alpha=scale)
-            local_lse[start : start + chunk_rows] = _logsumexp_(logits)
-        target_logit = scale * (rows * cols[local_target]).sum(1) + bias[local_target]
-        target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
+    def forward(ctx, rows, cols, scale, bias, targets, col_start, comm, chunk_rows, dtype):
+        with autocast_off(rows.device):
+            num_rows, num_local = rows.shape[0], cols.shape[0]
+            owned, local_target = _local_target_positions(targets, col_start, num_local)
+            cols_mm = cols.to(dtype)
+            local_lse = bias.new_empty(num_rows)
+            target_logit = bias.new_empty(num_rows)
+            for start in range(0, num_rows, chunk_rows):
+                piece = slice(start, start + chunk_rows)
+                logits = _chunk_logits(rows[piece].to(dtype), cols_mm, bias, scale, dtype)
+                target_logit[piece] = logits.gather(1, local_target[piece, None]).squeeze(1)
+                local_lse[piece] = _logsumexp_(logits)
+            target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
 
-        row_max = comm.all_reduce(local_lse.clone(), "max")
-        sum_exp = comm.all_reduce(torch.exp(local_lse - row_max), "sum")
-        lse = row_max + torch.log(sum_exp)
-        comm.all_reduce(target_logit, "sum")
+            row_max = comm.all_reduce(local_lse.clone(), "max")
+            sum_exp = comm.all_reduce(torch.exp(local_lse - row_max), "sum")
+            lse = row_max + torch.log(sum_exp)
+            comm.all_reduce(target_logit, "sum")
 
         ctx.save_for_backward(rows, cols, bias, lse, owned, local_target)
-        ctx.scale, ctx.chunk_rows = scale, chunk_rows
+        ctx.scale, ctx.chunk_rows, ctx.dtype = scale, chunk_rows, dtype
         return lse - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
         rows, cols, bias, lse, owned, local_target = ctx.saved_tensors
-        scale, chunk_rows = ctx.scale, ctx.chunk_rows
-        grad_rows = torch.zeros_like(rows) if ctx.needs_input_grad[0] else None
-        grad_cols = torch.zeros_like(cols) if ctx.needs_input_grad[1] else None
-        for start in range(0, rows.shape[0], chunk_rows):
-            stop = min(start + chunk_rows, rows.shape[0])
-            chunk = rows[start:stop]
-            logits = torch.addmm(bias, chunk, cols.t(), alpha=scale)
-            # d loss / d logits = (softmax - onehot) * grad, softmax over all ranks' columns.
-            grad_logits = _flushed_exp_(logits.sub_(lse[start:stop, None]))
-            grad_logits.mul_(grad_loss[start:stop, None])
-            mine = owned[start:stop].nonzero().squeeze(1)
-            grad_logits[mine, local_target[start:stop][mine]] -= grad_loss[start:stop][mine]
-            if grad_rows is not None:
-                torch.mm(grad_logits, cols, out=grad_rows[start:stop]).mul_(scale)
-            if grad_cols is not None:
-                grad_cols.addmm_(grad_logits.t(), chunk, alpha=scale)
-        return grad_rows, grad_cols, None, None, None, None, None, None
+        scale, chunk_rows, dtype = ctx.scale, ctx.chunk_rows, ctx.dtype
+        with autocast_off(rows.device):
+            cols_mm = cols.to(dtype)
+            grad_rows = grad_cols = None
+            if ctx.needs_input_grad[0]:
+                grad_rows = rows.new_empty(rows.shape, dtype=bias.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_cols = cols.new_zeros(cols.shape, dtype=bias.dtype)
+            # minus the upstream gradient at each row's target column (0 where another rank owns
+            # the target): a scatter, not an index of the owned rows, which would sync the host
+            at_target = torch.where(owned, -grad_loss, torch.zeros_like(grad_loss))[:, None]
+            for start in range(0, rows.shape[0], chunk_rows):
+                piece = slice(start, start + chunk_rows)
+                chunk = rows[piece].to(dtype)
+                logits = _chunk_logits(chunk, cols_mm, bias, scale, dtype)
+                # d loss / d logits = (softmax - onehot) * grad, softmax over all ranks' columns.
+                grad_logits = _flushed_exp_(logits.sub_(lse[piece, None]))
+                grad_logits.mul_(grad_loss[piece, None])
+                grad_logits.scatter_add_(1, local_target[piece, None], at_target[piece])
+                if grad_rows is not None:
+                    matmul(grad_logits, cols_mm, dtype, out=grad_rows[piece]).mul_(scale)
+                if grad_cols is not None:
+                    matmul_add_(grad_cols, grad_logits.t(), chunk, dtype, alpha=scale)
+        return (
+            None if grad_rows is None else grad_rows.to(rows.dtype),
+            None if grad_cols is None else grad_cols.to(cols.dtype),
+            *[None] * 7,
+        )
