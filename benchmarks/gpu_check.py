@@ -65,7 +65,8 @@ class Sizes:
 
 
 GPU = Sizes(
-    tests=("tests/test_cuda.py",),  # collecting all of tests/ would need every test's packages
+    # collecting all of tests/ would need every test's packages
+    tests=("tests/test_cuda.py", "tests/test_bf16.py"),
     head=((4000, 128), (8142, 256)),
     dim=512,
     steps=(2, 5),

@@ -7,7 +7,7 @@
 # Steps, each under its own time limit; a failed or killed step is recorded and the next runs:
 #   machine  30 s   the card (name, capability, memory), driver, CUDA and torch versions;
 #                   that the packages the steps need import
-#   tests    170 s  pytest -m cuda tests/test_cuda.py: the head against the dense oracle in fp32
+#   tests    170 s  pytest -m cuda tests/test_{cuda,bf16}.py: the head against the dense oracle in fp32
 #                   and bf16, `candle-dist train` with a resume, extraction (tiny CLIP, ViT-B-16)
 #   head     140 s  candle-dist bench head --dtype bf16 at C = 4,000 (B = 128) and C = 8,142
 #                   (B = 256), ours and the dense reference (its OOM or slowness is a note)

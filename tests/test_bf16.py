@@ -32,7 +32,7 @@ MASKS = ["none", "in_visual", "in_text", "between_visual_text"]
 CLIP_LOGIT_SCALE = math.log(100.0)  # s = 100: bf16 logits are coarse, inconsistencies show
 RATIO = 2.0  # ours may err at most this much more than the dense implementation
 NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=NO_GPU)]
+DEVICES = ["cpu", pytest.param("cuda", marks=[NO_GPU, pytest.mark.cuda])]
 
 
 @pytest.fixture
