@@ -49,12 +49,15 @@ def test_predict_recognizes_known_images(demo, tmp_path):
     assert top1 >= 0.6, top1
 
 
+EXTRACT = ["extract", "--output", "{tmp}/f", "--pretrained", "none"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["make-shards", "--from-folder", "/nonexistent", "--output", "{tmp}/s"], "nonexistent"),
-        (["extract", "--shards", "{tmp}/none-{{000000..000001}}.tar", "--output", "{tmp}/f"], ""),
-        (["extract", "--shards", "{tmp}/lone/train-000000.tar", "--output", "{tmp}/f"], "class"),
+        ([*EXTRACT, "--shards", "{tmp}/none-{{000000..000001}}.tar"], ""),
+        ([*EXTRACT, "--shards", "{tmp}/lone/train-000000.tar"], "class"),
         (["eval", "--checkpoint", "{tmp}", "--features", "{tmp}"], "final/"),
         (["predict", "--checkpoint", "{tmp}", "x.jpg"], "final/"),
         (["train", "--config", "{tmp}/missing.yaml"], "does not exist"),

@@ -23,6 +23,7 @@ from candle_dist.features.extract import distributed_env, extract, resolve_devic
 from candle_dist.features.prompts import encode_classnames
 from candle_dist.features.store import FeatureStore
 from candle_dist.features.transforms import ImagePreprocessor, PreprocessSpec
+from candle_dist.provenance import provenance
 from tests.data_helpers import (
     jpeg_bytes,
     shard_spec,
@@ -51,7 +52,15 @@ def data(tmp_path_factory) -> dict:
     write_jpeg_shards(root / "shards", NUM_SHARDS, PER_SHARD, num_classes=6, num_base=5)
     config = tiny_model_config(root)
     spec = shard_spec(root / "shards", NUM_SHARDS)
-    extract(spec, root / "ref", model_config=config, batch_size=4, workers=2, progress=False)
+    extract(
+        spec,
+        root / "ref",
+        pretrained="none",
+        model_config=config,
+        batch_size=4,
+        workers=2,
+        progress=False,
+    )
     return {"root": root, "spec": spec, "config": config, "ref": root / "ref"}
 
 
@@ -92,7 +101,15 @@ def test_checkpoint_path_loads_those_weights(data):
 
 
 def _extract_rank(rank: int, world_size: int, spec: str, output: str, config: str) -> dict:
-    return extract(spec, output, model_config=config, batch_size=4, workers=0, progress=False)
+    return extract(
+        spec,
+        output,
+        pretrained="none",
+        model_config=config,
+        batch_size=4,
+        workers=0,
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -112,7 +129,9 @@ def test_slurm_tasks_without_process_group_finalize_by_files(data, tmp_path, mon
     finalized = []
     for rank in (1, 0):  # the last task to finish writes the store
         monkeypatch.setenv("SLURM_PROCID", str(rank))
-        stats = extract(data["spec"], out, model_config=data["config"], progress=False)
+        stats = extract(
+            data["spec"], out, pretrained="none", model_config=data["config"], progress=False
+        )
         assert stats["shards_done"] == NUM_SHARDS // 2
         finalized.append(stats["finalized"])
     assert finalized == [False, True]
@@ -121,7 +140,15 @@ def test_slurm_tasks_without_process_group_finalize_by_files(data, tmp_path, mon
 
 def _extract_single_thread(spec: str, output: str, config: str) -> None:
     torch.set_num_threads(1)
-    extract(spec, output, model_config=config, batch_size=1, workers=0, progress=False)
+    extract(
+        spec,
+        output,
+        pretrained="none",
+        model_config=config,
+        batch_size=1,
+        workers=0,
+        progress=False,
+    )
 
 
 def test_kill_then_resume_equals_uninterrupted(data, tmp_path):
@@ -140,7 +167,9 @@ def test_kill_then_resume_equals_uninterrupted(data, tmp_path):
     done = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
     assert 0 < len(done) < NUM_SHARDS, "the run was not killed mid-way"
     assert not (out / "manifest.json").exists()
-    stats = extract(*args[:2], model_config=args[2], batch_size=3, workers=1, progress=False)
+    stats = extract(
+        *args[:2], pretrained="none", model_config=args[2], batch_size=3, workers=1, progress=False
+    )
     assert stats["shards_done"] == NUM_SHARDS - len(done) and stats["finalized"]
     for name, mtime in done.items():
         assert (records / name).stat().st_mtime_ns == mtime  # finished shards not redone
@@ -178,7 +207,9 @@ def _damaged_shards(folder: Path) -> str:
 def test_damaged_samples_are_skipped_and_listed(data, tmp_path):
     spec = _damaged_shards(tmp_path)
     store = FeatureStore(
-        extract(spec, tmp_path / "s", model_config=data["config"], progress=False)["store"]
+        extract(
+            spec, tmp_path / "s", pretrained="none", model_config=data["config"], progress=False
+        )["store"]
     )
     assert sorted(store.keys) == ["ok_0", "ok_1", "t_0", "t_1"]
     skipped = {item["key"]: item for item in store.manifest["skipped"]}
@@ -195,21 +226,39 @@ def test_damaged_samples_are_skipped_and_listed(data, tmp_path):
 def test_strict_stops_naming_shard_and_key(data, tmp_path, capsys):
     spec = _damaged_shards(tmp_path)
     with pytest.raises(UserInputError, match=r"train-000000\.tar: sample corrupt: corrupt image"):
-        extract(spec, tmp_path / "s", model_config=data["config"], strict=True, progress=False)
+        extract(
+            spec,
+            tmp_path / "s",
+            pretrained="none",
+            model_config=data["config"],
+            strict=True,
+            progress=False,
+        )
     command = ["extract", "--shards", spec, "--output", str(tmp_path / "cli"), "--strict"]
+    command += ["--pretrained", "none"]
     assert cli.main([*command, "--model-config", str(data["config"])]) == 2
     assert "sample corrupt: corrupt image" in capsys.readouterr().err
 
 
 def test_other_model_into_existing_store_is_refused(data, tmp_path):
     other = tiny_model_config(tmp_path, "dataplane-tiny-wide", embed_dim=48)
-    with pytest.raises(UserInputError, match=r"another extraction.*dim 32 != 48"):
-        extract(data["spec"], data["ref"], model_config=other, progress=False)
+    with pytest.raises(
+        UserInputError,
+        match=r"store .*ref \(extract\.json\) and this extract command do not match: dim 32 != 48",
+    ):
+        extract(data["spec"], data["ref"], pretrained="none", model_config=other, progress=False)
 
 
 def test_views_are_stored_and_reproducible(data, tmp_path):
     spec = shard_spec(data["root"] / "shards", 2)
-    first = extract(spec, tmp_path / "a", model_config=data["config"], views=2, progress=False)
+    first = extract(
+        spec,
+        tmp_path / "a",
+        pretrained="none",
+        model_config=data["config"],
+        views=2,
+        progress=False,
+    )
     store = FeatureStore(first["store"])
     assert store.num_views == 2 and len(store) == 2 * PER_SHARD
     pick = store.views(np.arange(len(store)), np.arange(len(store)) % 2)
@@ -218,6 +267,7 @@ def test_views_are_stored_and_reproducible(data, tmp_path):
     again = extract(
         spec,
         tmp_path / "b",
+        pretrained="none",
         model_config=data["config"],
         views=2,
         workers=0,
@@ -263,7 +313,13 @@ def test_bad_pretrained_and_templates_are_user_errors(data):
     with pytest.raises(UserInputError, match="neither a checkpoint file nor an open_clip tag"):
         load_clip("", "no-such-tag", data["config"])
     with pytest.raises(UserInputError, match="exactly one"):
-        extract(data["spec"], data["ref"], model_config=data["config"], templates=["no slot"])
+        extract(
+            data["spec"],
+            data["ref"],
+            pretrained="none",
+            model_config=data["config"],
+            templates=["no slot"],
+        )
 
 
 def test_manifest_records_checksums(data):
@@ -276,7 +332,14 @@ def test_precision_is_applied_to_images_and_text_and_recorded(data, tmp_path):
     assert json.loads((data["ref"] / "manifest.json").read_text())["precision"] == "fp32"  # auto
     spec = shard_spec(data["root"] / "shards", 2)
     config = data["config"]
-    stats = extract(spec, tmp_path / "s", model_config=config, precision="bf16", progress=False)
+    stats = extract(
+        spec,
+        tmp_path / "s",
+        pretrained="none",
+        model_config=config,
+        precision="bf16",
+        progress=False,
+    )
     store = FeatureStore(stats["store"])
     assert store.manifest["precision"] == "bf16"
     rows, ref = store_rows(store.path), store_rows(data["ref"])
@@ -287,7 +350,14 @@ def test_precision_is_applied_to_images_and_text_and_recorded(data, tmp_path):
     text = encode_classnames(model, tokenizer, names, templates, precision="bf16")
     np.testing.assert_allclose(store.text_features, text.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(UserInputError, match="precision 'fp32' != 'bf16'"):
-        extract(data["spec"], data["ref"], model_config=config, precision="bf16", progress=False)
+        extract(
+            data["spec"],
+            data["ref"],
+            pretrained="none",
+            model_config=config,
+            precision="bf16",
+            progress=False,
+        )
 
 
 def test_precision_option_and_its_default_in_help(capsys):
@@ -312,3 +382,186 @@ def test_cuda_device_is_the_tasks_own_gpu_and_current(monkeypatch, visible, inde
         device = resolve_device(name, distributed_env(task))
         assert device == torch.device("cuda", index)
         assert current == [device]
+
+
+def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of `candle-dist extract ARGV`."""
+    capsys.readouterr()
+    code = cli.main(["extract", *argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _one_error(lines: list[str]) -> str:
+    assert len(lines) == 1 and lines[0].startswith("candle-dist extract: error: "), lines
+    return lines[0]
+
+
+def test_pretrained_is_required_and_random_weights_are_said(data, tmp_path, capsys):
+    spec = shard_spec(data["root"] / "shards", 1)
+    args = ["--shards", spec, "--model-config", str(data["config"]), "--workers", "0"]
+    code, err = _cli(capsys, *args, "--output", str(tmp_path / "s"))
+    assert code == 2
+    assert "--pretrained is required" in _one_error(err) and "'none' for random" in err[0]
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(UserInputError, match="--pretrained is required"):
+        extract(spec, tmp_path / "s", model_config=data["config"], progress=False)
+    code, err = _cli(capsys, *args, "--output", str(tmp_path / "s"), "--pretrained", "none")
+    assert code == 0 and "store complete" in err[-1]
+    assert "RANDOM WEIGHTS: --pretrained none" in err[-1]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--workers", "-1"], "--workers -1: give a whole number >= 0"),
+        (["--batch-size", "0"], "--batch-size 0: give a whole number >= 1"),
+        (["--views", "-1"], "--views -1: give a whole number >= 0"),
+        (["--views", "1", "--seed", "-1"], "--seed -1: give a whole number >= 0"),
+        (["--output", "{shards}"], "holds other files, no feature store"),
+        (["--output", "{config}"], "a file is in the way, not a folder"),
+        (["--output", "{config}/store"], "dataplane-tiny.json is a file, not a folder"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_is_written(data, tmp_path, capsys, option, message):
+    shards = data["root"] / "shards"
+    before = sorted(p.name for p in shards.iterdir())
+    paths = {"shards": shards, "config": data["config"]}
+    option = [o.format(**paths) for o in option]
+    argv = ["--shards", shard_spec(shards, 1), "--model-config", str(data["config"])]
+    argv += ["--pretrained", "none", "--output", str(tmp_path / "s"), *option]
+    code, err = _cli(capsys, *argv)
+    assert code == 2 and message in _one_error(err)
+    assert not (tmp_path / "s").exists() and sorted(p.name for p in shards.iterdir()) == before
+
+
+def test_unwritable_output_is_one_line_error(data, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):  # root writes into a read-only folder: what a read-only
+        real = os.access  # file system answers instead
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    argv = ["--shards", data["spec"], "--model-config", str(data["config"]), "--pretrained"]
+    code, err = _cli(capsys, *argv, "none", "--output", str(locked / "store"))
+    assert code == 2 and f"{locked} is not writable" in _one_error(err)
+    assert list(locked.iterdir()) == []
+
+
+def _synthetic_shard(folder: Path, samples: int) -> Path:
+    """One training shard written by make-shards (its samples record how many it holds)."""
+    argv = ["make-shards", "--synthetic", "--num-classes", "3", "--image-size", "32"]
+    argv += ["--max-per-class", str(samples // 3), "--val-per-class", "1", "--output", str(folder)]
+    assert cli.main([*argv, "--samples-per-shard", str(samples)]) == 0
+    return folder / "train-000000.tar"
+
+
+def _cut_in_sample(path: Path, index: int) -> None:
+    """Truncate a tar in the middle of its sample `index` (0-based, in tar order)."""
+    with tarfile.open(path) as tar:
+        keys = list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
+        first = next(m for m in tar.getmembers() if m.name.split(".")[0] == keys[index])
+    path.write_bytes(path.read_bytes()[: first.offset_data + 10])
+
+
+def test_truncated_shard_says_how_many_samples_it_lost(data, tmp_path, capsys):
+    shard = _synthetic_shard(tmp_path / "shards", 24)
+    _cut_in_sample(shard, 10)
+    argv = ["--shards", str(shard), "--model-config", str(data["config"]), "--pretrained", "none"]
+    code, err = _cli(capsys, *argv, "--output", str(tmp_path / "s"), "--strict")
+    assert code == 2 and "truncated tar" in err[-1] and "after sample 10" in err[-1]
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    code, err = _cli(capsys, *argv, "--output", str(tmp_path / "s"))
+    assert code == 0 and "14 LOST from train-000000.tar (truncated after sample 10)" in err[-1]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 10 and manifest["num_lost"] == 14
+    assert not manifest["num_lost_is_lower_bound"]
+    assert manifest["shards"][0]["expected_samples"] == 24
+    assert manifest["shards"][0]["damaged_after"] == 10
+
+
+def test_loss_of_unknown_size_says_the_rest_is_lost(data, tmp_path, capsys):
+    spec = _damaged_shards(tmp_path)
+    argv = ["--shards", spec, "--model-config", str(data["config"]), "--pretrained", "none"]
+    code, err = _cli(capsys, *argv, "--output", str(tmp_path / "s"))
+    assert code == 0 and "store complete" in err[-1] and "at least 4 sample(s) LOST" in err[-1]
+    assert "train-000001.tar truncated after sample 2, the rest LOST" in err[-1]
+    assert "3 LOST from train-000000.tar (corrupt image, missing cls" in err[-1]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["num_lost"] == 4 and manifest["num_lost_is_lower_bound"]
+    # --strict on a store whose losses an earlier run accepted: refused, not completed
+    (tmp_path / "s" / "manifest.json").unlink()
+    code, err = _cli(capsys, *argv, "--output", str(tmp_path / "s"), "--strict")
+    assert code == 2 and "skipped by an earlier run without --strict" in err[-1]
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def _unlabelled_shards(folder: Path) -> str:
+    from candle_dist.data.shards import write_shard
+
+    rng = np.random.default_rng(3)
+    samples = [{"__key__": f"k{i}", "jpg": jpeg_bytes(rng, 16, 16)} for i in range(5)]
+    write_shard(folder / "train-000000.tar", samples)  # no cls
+    write_shard(folder / "train-000001.tar", [])  # no samples at all
+    (folder / "classnames.txt").write_text("a\nb\n")
+    return f"{folder}/train-{{000000..000001}}.tar"
+
+
+def test_store_without_samples_is_an_error_and_stays_incomplete(data, tmp_path, capsys):
+    spec = _unlabelled_shards(tmp_path)
+    argv = ["--shards", spec, "--model-config", str(data["config"]), "--pretrained", "none"]
+    code, err = _cli(capsys, *argv, "--output", str(tmp_path / "s"))
+    assert code == 2
+    assert err[-1].startswith("candle-dist extract: error: no sample of the 2 shard(s)")
+    assert "5 LOST from train-000000.tar (missing cls)" in err[-1]
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    empty = f"{tmp_path}/train-000001.tar"
+    code, err = _cli(capsys, "--shards", empty, *argv[2:], "--output", str(tmp_path / "e"))
+    assert code == 2 and "the shards hold no samples" in err[-1]
+    assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def _extract_message(rank: int, world_size: int, spec: str, output: str, config: str) -> str:
+    try:
+        extract(spec, output, "", "none", model_config=config, workers=0, progress=False)
+    except UserInputError as err:
+        return str(err)
+    return "finished"
+
+
+def test_every_rank_stops_when_the_store_has_no_samples(data, tmp_path):
+    spec = _unlabelled_shards(tmp_path)
+    args = (spec, str(tmp_path / "s"), str(data["config"]))
+    messages = run_in_processes(_extract_message, 2, *args)
+    assert messages[0] == messages[1] and messages[0].startswith("no sample of the 2 shard(s)")
+
+
+def test_other_class_list_into_existing_store_is_refused(data, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"other {i}\n" for i in range(6)))
+    before = (data["ref"] / "extract.json").read_text()
+    with pytest.raises(UserInputError) as caught:
+        extract(
+            data["spec"],
+            data["ref"],
+            pretrained="none",
+            model_config=data["config"],
+            classnames=names,
+            progress=False,
+        )
+    message = str(caught.value)
+    assert f"store {data['ref']} (extract.json) and this extract command do not match" in message
+    assert "the class lists differ" in message and f"delete {data['ref']}" in message
+    assert (data["ref"] / "extract.json").read_text() == before
+
+
+def test_store_records_its_provenance(data):
+    store = FeatureStore(data["ref"])
+    expected = provenance(
+        store.classnames,
+        model="dataplane-tiny",
+        pretrained="none",
+        templates=["a photo of a {}."],
+        dim=32,
+    )
+    assert store.provenance == expected == store.manifest["provenance"]
+    identity = json.loads((data["ref"] / "extract.json").read_text())
+    assert identity["provenance"] == expected

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from candle_dist.errors import UserInputError
-from candle_dist.features.store import FeatureStore
+from candle_dist.features.store import FeatureStore, shard_loss
+from candle_dist.provenance import provenance
 
 
 @pytest.fixture
@@ -105,3 +106,23 @@ def test_missing_or_damaged_store_names_the_file(tmp_path, arrays):
     (path / "manifest.json").write_text(json.dumps({**manifest, "format": "other"}))
     with pytest.raises(UserInputError, match="re-extract"):
         FeatureStore(path)
+
+
+def test_manifest_records_provenance_and_losses(tmp_path, arrays):
+    store = _store(tmp_path / "s", arrays, templates=["a photo of a {}."])
+    expected = provenance(
+        arrays["names"], model="arrays", pretrained="none", templates=["a photo of a {}."], dim=8
+    )
+    assert store.provenance == expected == store.manifest["provenance"]
+    assert store.manifest["num_lost"] == 0 and not store.manifest["num_lost_is_lower_bound"]
+    manifest = dict(store.manifest)
+    del manifest["provenance"]  # a store written before provenance was recorded
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    assert FeatureStore(tmp_path / "s").provenance == {}
+
+
+def test_shard_loss_is_exact_when_the_shard_count_is_known():
+    record = {"num_samples": 50, "skipped": [{"key": "k50", "reason": "truncated tar"}]}
+    assert shard_loss({**record, "expected_samples": 101, "damaged_after": 50}) == (51, False)
+    assert shard_loss({**record, "damaged_after": 50}) == (1, True)  # and an unknown rest
+    assert shard_loss({"num_samples": 3, "skipped": []}) == (0, False)

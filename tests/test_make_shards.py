@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from candle_dist import cli
+from candle_dist.data import make_shards as make_shards_module
 from candle_dist.data.shards import read_classnames, read_counts_tsv
 from tests.data_helpers import jpeg_bytes
 
@@ -258,3 +261,141 @@ def test_bad_inputs_are_user_errors(tmp_path, capsys):
         str(tmp_path),
     )
     assert code == 2 and "list.txt:2" in capsys.readouterr().err
+
+
+def _error_line(capsys) -> str:
+    """The one stderr line of a refused run (anything more fails the test)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("candle-dist make-shards: error: "), err
+    return err[0]
+
+
+def _left(root: Path, name: str = "out") -> list[str]:
+    """What a run left under `root` named like its output (the output, OUTPUT.partial)."""
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(name))
+
+
+def test_empty_class_folders_must_be_declared_new(folder_tree, capsys):
+    root, files = folder_tree
+    (root / "train" / "aardvark").mkdir()  # sorts first, but a new class gets the last id
+    (root / "val" / "aardvark").mkdir()
+    (root / "val" / "aardvark" / "a.jpg").write_bytes(files["val"]["zebra/img2.jpg"][0])
+    common = ["--from-folder", str(root / "train"), "--val", str(root / "val")]
+    assert _make(*common, "--output", str(root / "out")) == 2
+    line = _error_line(capsys)
+    assert "1 base class(es) without training images: 'aardvark'" in line
+    assert "--new-classes FILE" in line
+    assert _left(root) == []
+    (root / "new.txt").write_text("aardvark\n")
+    assert (
+        _make(*common, "--new-classes", str(root / "new.txt"), "--output", str(root / "out")) == 0
+    )
+    names = read_classnames(root / "out" / "classnames.txt")
+    assert names == ["golden retriever", "tabby cat", "zebra", "aardvark"]
+    counts, num_base = read_counts_tsv(root / "out" / "counts.tsv")
+    assert counts.tolist() == [4, 5, 6, 0] and num_base == 3
+    assert [int(s["cls"]) for s in _read_split(root / "out", "val")].count(3) == 1
+    capsys.readouterr()
+    (root / "bad.txt").write_text("aardvark\nplatypus\n")
+    assert _make(*common, "--new-classes", str(root / "bad.txt"), "--output", str(root / "o2")) == 2
+    assert "'platypus' is neither a class name nor a class id" in _error_line(capsys)
+
+
+def test_no_training_images_is_an_error(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+    assert _make("--from-folder", str(tmp_path / "tree"), "--output", str(tmp_path / "out")) == 2
+    assert "0 training images: every class folder is empty" in _error_line(capsys)
+    doc = {"images": [], "categories": [{"id": 1, "name": "Apis"}]}  # no annotations
+    (tmp_path / "train.json").write_text(json.dumps(doc))
+    assert (
+        _make("--from-inat", str(tmp_path / "train.json"), "--output", str(tmp_path / "out")) == 2
+    )
+    assert "0 training images: the JSON has no annotations" in _error_line(capsys)
+    assert _left(tmp_path) == []
+
+
+def test_files_that_are_not_images_are_skipped_listed_or_refused(folder_tree, capsys):
+    root, files = folder_tree
+    (root / "train" / "zebra" / "x.jpg").write_text("a text file named like a JPEG\n")
+    args = ["--from-folder", str(root / "train"), "--output", str(root / "out")]
+    assert _make(*args, "--strict") == 2
+    line = _error_line(capsys)
+    assert "1 file(s) are not images by content" in line and "zebra/x.jpg" in line
+    assert _left(root) == []
+    assert _make(*args) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 file(s) SKIPPED as not images" in last and "zebra/x.jpg" in last
+    skipped = (root / "out" / "skipped.tsv").read_text().splitlines()
+    assert len(skipped) == 2 and "zebra/x.jpg" in skipped[1]
+    _check_round_trip(root / "out", "train", files["train"])  # every real image, no text file
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--samples-per-shard", "0"], "--samples-per-shard 0: give a whole number >= 1"),
+        (["--val-per-class", "0"], "--val-per-class 0: give a whole number >= 1"),
+        (["--seed", "-1"], "--seed -1: give a whole number >= 0"),
+        (["--imbalance-ratio", "2"], "--imbalance-ratio 2.0: give min/max count"),
+        (["--num-new", "-1"], "--num-new -1"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors_before_any_folder(tmp_path, capsys, option, message):
+    assert (
+        _make("--synthetic", "--num-classes", "3", "--output", str(tmp_path / "out"), *option) == 2
+    )
+    assert message in _error_line(capsys)
+    assert _left(tmp_path) == []
+
+
+def test_unwritable_output_is_one_line_error(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("in the way\n")
+    args = ["--synthetic", "--num-classes", "3", "--max-per-class", "2", "--output"]
+    assert _make(*args, str(tmp_path / "file")) == 2
+    assert "file: a file is in the way, not a folder" in _error_line(capsys)
+    assert _make(*args, str(tmp_path / "file" / "out")) == 2
+    assert f"{tmp_path / 'file'} is a file, not a folder" in _error_line(capsys)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):  # root writes into a read-only folder: what a read-only
+        real = os.access  # file system answers instead
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    assert _make(*args, str(locked / "out")) == 2
+    assert f"{locked} is not writable" in _error_line(capsys)
+    assert list(locked.iterdir()) == [] and (tmp_path / "file").read_text() == "in the way\n"
+
+
+def test_failed_run_leaves_nothing_finished_and_rerun_completes(tmp_path, capsys, monkeypatch):
+    args = ["--synthetic", "--num-classes", "4", "--max-per-class", "6", "--val-per-class", "1"]
+    args += ["--samples-per-shard", "5", "--output", str(tmp_path / "out")]
+    real_write, written = make_shards_module.write_shard, []
+
+    def full_disk(path, samples):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        written.append(path)
+        real_write(path, samples)
+
+    monkeypatch.setattr(make_shards_module, "write_shard", full_disk)
+    assert _make(*args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "train-000001.tar: No space left on device; free space" in last
+    assert _left(tmp_path) == ["out.partial"]  # resumable, and named as unfinished
+    assert not (tmp_path / "out.partial" / "classnames.txt").exists()
+    monkeypatch.undo()
+    assert _make(*args) == 0
+    assert _left(tmp_path) == ["out"]
+    assert _make(*args[:-1], str(tmp_path / "ref")) == 0  # the same command, never interrupted
+    for path in (tmp_path / "ref").glob("*.tar"):
+        assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes()
+    samples = _read_split(tmp_path / "out", "train")
+    assert len(samples) == 24
+    assert {json.loads(s["json"])["shard_samples"] for s in samples} == {5, 4}  # 5+5+5+5+4
+    # in place: a refused rerun changes nothing; a failing one leaves no class files behind
+    assert _make(*args[:-2], "--seed", "1", "--output", str(tmp_path / "out")) == 2
+    assert (tmp_path / "out" / "classnames.txt").exists()
+    monkeypatch.setattr(make_shards_module, "write_shard", full_disk)
+    written.clear()
+    assert _make(*args[:-2], "--seed", "1", "--overwrite", "--output", str(tmp_path / "out")) == 2
+    assert not (tmp_path / "out" / "classnames.txt").exists()

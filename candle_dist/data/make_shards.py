@@ -10,8 +10,15 @@ Examples:
 Writes OUTPUT/train-%06d.tar (base classes only, optionally subsampled to a long tail:
 class i keeps max_per_class * ratio^(i / (C_base - 1)) images), OUTPUT/val-%06d.tar (every
 class, balanced with --val-per-class), classnames.txt and counts.tsv. Class ids are renumbered
-so that base classes are 0..C_base-1 and new classes (names only, no training images) follow.
-Sample order is a seeded shuffle; rerunning an interrupted command writes only missing shards.
+so that base classes are 0..C_base-1 and new classes (names only, no training images) follow;
+a base class without training images is an error that names the option declaring it new
+(--new-classes FILE). Files that are no images by content are skipped and listed in
+skipped.tsv and the last line (--strict: an error instead). Each sample's json records how many
+samples its shard holds, so that `extract` can count what a truncated shard lost.
+
+A new OUTPUT is built in OUTPUT.partial and renamed when complete; in an existing OUTPUT,
+classnames.txt and counts.tsv are written last. Sample order is a seeded shuffle; rerunning an
+interrupted command writes only missing shards.
 """
 
 from __future__ import annotations
@@ -20,16 +27,19 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from candle_dist.data.shards import (
     atomic_write_text,
+    check_output_dir,
     read_classnames,
     write_classnames,
     write_counts_tsv,
@@ -40,6 +50,9 @@ from candle_dist.errors import UserInputError
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 TAR_OVERHEAD = 3 * 1536 + 256  # pax + ustar headers of jpg/cls/json, plus the json body
 SPLIT_CODES = {"train": 0, "val": 1}
+SKIPPED_FILE = "skipped.tsv"
+FINISHED_MARKERS = ("classnames.txt", "counts.tsv")  # written last: the shards are complete
+SHOWN = 3  # names quoted in a message before "and N more"
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,15 @@ def _classnames_file(path: str, have_ids: bool) -> tuple[list[str], list[str] | 
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+def _some(names: list[str]) -> str:
+    """The first few names quoted, and how many more: a message stays one readable line."""
+    shown = ", ".join(repr(name) for name in names[:SHOWN])
+    return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
 def _from_folder(args) -> Dataset:
@@ -230,23 +251,41 @@ def _synthetic(args) -> Dataset:
     return Dataset([c.name for c in classes], splits, {}, synthetic=spec)
 
 
+def _class_ids(path: str, option: str, classnames: list[str]) -> set[int]:
+    """Source ids of the classes a file lists, one class name (or source class id) a line."""
+    if not Path(path).is_file():
+        raise UserInputError(f"{option} {path}: file not found; give class names, one a line")
+    index = {name: i for i, name in enumerate(classnames)}
+    ids = set()
+    for entry in read_classnames(path):
+        if entry in index:
+            ids.add(index[entry])
+        elif entry.isdigit() and int(entry) < len(classnames):
+            ids.add(int(entry))
+        else:
+            raise UserInputError(
+                f"{option} {path}: {entry!r} is neither a class name nor a class id below "
+                f"{len(classnames)}; use the names classnames.txt will hold, e.g. "
+                f"{classnames[0]!r}"
+            )
+    return ids
+
+
 def class_order(args, classnames: list[str]) -> ClassOrder:
-    """Base classes first (their source order kept), then new ones, from the split options."""
+    """Base classes first, then new ones (each in source order), from the split options: new
+    classes get the highest ids whatever their names, as training expects."""
     num_classes = len(classnames)
-    if args.base_classes:
-        wanted = read_classnames(args.base_classes)
-        index = {name: i for i, name in enumerate(classnames)}
-        base = set()
-        for entry in wanted:
-            if entry in index:
-                base.add(index[entry])
-            elif entry.isdigit() and int(entry) < num_classes:
-                base.add(int(entry))
-            else:
+    if args.base_classes or args.new_classes:
+        if args.base_classes:
+            base = _class_ids(args.base_classes, "--base-classes", classnames)
+        else:
+            new = _class_ids(args.new_classes, "--new-classes", classnames)
+            if len(new) == num_classes:
                 raise UserInputError(
-                    f"{args.base_classes}: {entry!r} is neither a class name nor a class id "
-                    f"below {num_classes}"
+                    f"--new-classes {args.new_classes}: declares all {num_classes} classes new; "
+                    "training needs base classes with images: list only the classes without"
                 )
+            base = set(range(num_classes)) - new
         ordered = sorted(base) + [c for c in range(num_classes) if c not in base]
         return ClassOrder(ordered, len(base))
     num_new = args.num_new or 0
@@ -264,8 +303,6 @@ def long_tail_caps(num_base: int, max_per_class: int | None, ratio: float | None
     `max_per_class * ratio^(i / (C_base - 1))`, at least 1; None means no cap."""
     if ratio is None:
         return [max_per_class] * num_base
-    if not 0 < ratio <= 1:
-        raise UserInputError(f"--imbalance-ratio {ratio}: give min/max count, in (0, 1]")
     steps = max(1, num_base - 1)
     return [max(1, int(max_per_class * ratio ** (i / steps))) for i in range(num_base)]
 
@@ -317,6 +354,43 @@ def _image(dataset: Dataset, split: str, item: Item, classes) -> tuple[str, byte
     return IMAGE_SUFFIXES.get(path.suffix.lower(), path.suffix.lower().lstrip(".") or "jpg"), data
 
 
+def _not_an_image(path: Path) -> str | None:
+    """Why the file at `path` is no usable image (judged by its content), or None."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: image not found; fix the list/JSON or --root") from None
+    except PermissionError as err:
+        raise UserInputError(f"{path}: cannot read ({err.strerror}); fix its permissions") from None
+    except UnidentifiedImageError:
+        return "no image format recognized in its content"
+    except Exception as err:  # PIL raises many types for damaged images
+        return f"damaged image ({type(err).__name__}: {err})"
+    return None
+
+
+def drop_non_images(
+    dataset: Dataset, split: str, chosen: list[tuple[Item, int]]
+) -> tuple[list[tuple[Item, int]], list[tuple[str, str]]]:
+    """(chosen items whose files are images, [(path, reason)] of those that are not): a file's
+    name does not make it an image, and a text file packed as `x.jpg` fails only in extract."""
+    if dataset.synthetic is not None:
+        return chosen, []
+    kept, bad = [], []
+    bar = tqdm(
+        chosen, unit="file", desc=f"check {split}", file=sys.stderr, leave=False, disable=None
+    )
+    for item, label in bar:
+        path = dataset.roots[split] / item.path
+        reason = _not_an_image(path)
+        if reason is None:
+            kept.append((item, label))
+        else:
+            bad.append((str(path), reason))
+    return kept, bad
+
+
 def plan_shards(
     dataset: Dataset, split: str, chosen: list, per_shard: int, max_bytes: int
 ) -> list[list[tuple[str, Item, int]]]:
@@ -351,43 +425,58 @@ def _plan_id(dataset: Dataset, shards: list) -> str:
     return digest.hexdigest()
 
 
-def write_split(args, dataset: Dataset, split: str, shards: list, names: list[str]) -> None:
-    """Write a split's shards, skipping those a previous run of the same plan finished."""
-    output = Path(args.output)
-    plan_file = output / f".{split}-plan.json"
+def _read_plan(plan_file: Path) -> str | None:
+    try:
+        return json.loads(plan_file.read_text())["plan"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_plan(args, folder: Path, split: str, plan_id: str) -> None:
+    """Refuse, before anything is changed, to mix shards of another command into `folder`."""
+    previous = _read_plan(folder / f".{split}-plan.json")
+    existing = any(folder.glob(f"{split}-*.tar"))
+    if (existing or previous) and previous != plan_id and not args.overwrite:
+        raise UserInputError(
+            f"{folder}: holds {split} shards of a different make-shards command; choose a "
+            "new --output, or pass --overwrite to replace them"
+        )
+
+
+def write_split(
+    args, dataset: Dataset, split: str, shards: list, names: list[str], folder: Path
+) -> None:
+    """Write a split's shards into `folder`, skipping those a previous run of the same plan
+    finished (`_check_plan` has allowed replacing the others)."""
+    plan_file = folder / f".{split}-plan.json"
     plan_id = _plan_id(dataset, shards)
-    existing = sorted(output.glob(f"{split}-*.tar"))
-    previous = json.loads(plan_file.read_text())["plan"] if plan_file.is_file() else None
-    if (existing or previous) and previous != plan_id:
-        if not args.overwrite:
-            raise UserInputError(
-                f"{output}: holds {split} shards of a different make-shards command; choose a "
-                "new --output, or pass --overwrite to replace them"
-            )
-        for path in existing:
+    if _read_plan(plan_file) != plan_id:
+        for path in folder.glob(f"{split}-*.tar"):
             path.unlink()
     atomic_write_text(plan_file, json.dumps({"plan": plan_id, "num_shards": len(shards)}))
-    for stale in output.glob(f".{split}-*.tar.tmp-*"):  # left by a killed run
+    for stale in folder.glob(f".{split}-*.tar.tmp-*"):  # left by a killed run
         stale.unlink()
     classes = None
     if dataset.synthetic is not None:
         from candle_dist.data.synthetic_images import synthetic_classes
 
         classes = synthetic_classes(args.num_classes, args.seed)
-    todo = [i for i in range(len(shards)) if not (output / f"{split}-{i:06d}.tar").is_file()]
+    todo = [i for i in range(len(shards)) if not (folder / f"{split}-{i:06d}.tar").is_file()]
     total = sum(len(shards[i]) for i in todo)
     with tqdm(total=total, unit="img", desc=split, file=sys.stderr) as bar:
         for i in todo:
             samples = []
             for key, item, label in shards[i]:
                 field, data = _image(dataset, split, item, classes)
-                meta = {"path": item.path, "class": names[label], "source_label": item.label}
+                meta = {
+                    "path": item.path,
+                    "class": names[label],
+                    "source_label": item.label,
+                    "shard_samples": len(shards[i]),
+                }
                 samples.append({"__key__": key, field: data, "cls": str(label), "json": meta})
                 bar.update(1)
-            write_shard(output / f"{split}-{i:06d}.tar", samples)
-    count = sum(len(shard) for shard in shards)
-    spec = f"{output}/{split}-{{000000..{len(shards) - 1:06d}}}.tar" if shards else "no shards"
-    print(f"{split}: {spec} ({count} samples)", file=sys.stderr)
+            write_shard(folder / f"{split}-{i:06d}.tar", samples)
 
 
 def _load(args) -> Dataset:
@@ -400,17 +489,112 @@ def _load(args) -> Dataset:
     return _from_inat(args)
 
 
-def make_shards(args: argparse.Namespace) -> None:
-    """Run make-shards from parsed arguments (see `add_arguments`)."""
-    if args.samples_per_shard < 1:
-        raise UserInputError("--samples-per-shard must be >= 1")
+def _check_options(args) -> Path:
+    """Numbers and the output path, checked before any file is read or any folder made;
+    returns the output path."""
+    for option, value in (
+        ("--samples-per-shard", args.samples_per_shard),
+        ("--max-shard-bytes", args.max_shard_bytes),
+        ("--max-per-class", args.max_per_class),
+        ("--val-per-class", args.val_per_class),
+        ("--num-classes", args.num_classes),
+        ("--image-size", args.image_size),
+    ):
+        if value is not None and value < 1:
+            raise UserInputError(f"{option} {value}: give a whole number >= 1")
+    if args.seed < 0:
+        raise UserInputError(f"--seed {args.seed}: give a whole number >= 0")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise UserInputError(f"--jpeg-quality {args.jpeg_quality}: give 1..100")
+    if args.imbalance_ratio is not None and not 0 < args.imbalance_ratio <= 1:
+        raise UserInputError(
+            f"--imbalance-ratio {args.imbalance_ratio}: give min/max count, in (0, 1]"
+        )
     if args.synthetic and (args.val or args.classnames or args.root):
         raise UserInputError("--synthetic draws its own images: drop --val/--classnames/--root")
+    return check_output_dir(args.output)
+
+
+def _check_samples(args, dataset: Dataset, order: ClassOrder, names: list[str], chosen) -> None:
+    """No training images, no validation images, or a base class without training images is an
+    error now: training would fail (or never learn the class) stages later, not naming why."""
+    kind = "folder" if args.from_folder else "list" if args.from_list else "inat"
+    empty_source, fix = {
+        "folder": (
+            "every class folder is empty (no .jpg/.jpeg/.png/.webp files)",
+            "put each class's images into its folder",
+        ),
+        "list": ("the list names no images", "give 'relative/path label' lines"),
+        "inat": (
+            "the JSON has no annotations",
+            "give a JSON with annotations (a test JSON has none)",
+        ),
+    }[kind]
+    if not chosen["train"]:
+        source = f"--from-{kind} {args.from_folder or args.from_list or args.from_inat}"
+        if dataset.splits["train"]:
+            empty_source = "each image is of a class declared new, or not an image by content"
+            fix = "declare fewer classes new, or replace the files"
+        raise UserInputError(f"{source}: 0 training images: {empty_source}; {fix}")
+    if "val" in chosen and not chosen["val"]:
+        if dataset.splits["val"]:
+            empty_source, fix = "no file is an image by content", "replace the files"
+        raise UserInputError(
+            f"--val {args.val}: 0 validation images: {empty_source}; {fix}, or leave out --val"
+        )
+    counts = np.bincount([label for _, label in chosen["train"]], minlength=len(names))
+    empty = [names[c] for c in range(order.num_base) if counts[c] == 0]
+    if empty:
+        if args.base_classes:
+            how = f"leave them out of --base-classes {args.base_classes}"
+        else:
+            how = (
+                "declare them new (known by name only) with --new-classes FILE, one class name "
+                "a line"
+            )
+            if args.num_new or args.new_fraction:
+                how += " (in place of --num-new/--new-fraction: list every new class)"
+        raise UserInputError(
+            f"{len(empty)} base class(es) without training images: {_some(empty)}; {how}, "
+            "or add their images"
+        )
+
+
+def _write_skipped(folder: Path, bad: list[tuple[str, str, str]]) -> None:
+    """skipped.tsv: the files left out for not being images (none: no file, not a stale one)."""
+    path = folder / SKIPPED_FILE
+    if not bad:
+        path.unlink(missing_ok=True)
+        return
+    rows = ["split\tpath\treason", *("\t".join(row) for row in bad)]
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+def _summary(output: Path, shards: dict, order: ClassOrder, names: list[str], bad: list) -> str:
+    """The last line: what was written and, when files were left out, that they were."""
+    samples = {
+        split: sum(len(shard) for shard in split_shards) for split, split_shards in shards.items()
+    }
+    line = (
+        f"{output}: {samples['train']} training samples of {order.num_base} base classes, "
+        f"{len(names) - order.num_base} new class(es)"
+    )
+    if "val" in samples:
+        line += f", {samples['val']} validation samples"
+    if bad:
+        line += (
+            f"; {len(bad)} file(s) SKIPPED as not images: {_some([path for _, path, _ in bad])} "
+            f"(listed in {output / SKIPPED_FILE}; --strict stops instead)"
+        )
+    return line
+
+
+def make_shards(args: argparse.Namespace) -> None:
+    """Run make-shards from parsed arguments (see `add_arguments`)."""
+    output = _check_options(args)
     dataset = _load(args)
     order = class_order(args, dataset.classnames)
     names = [dataset.classnames[s] for s in order.source_ids]
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     max_per_class = args.max_per_class
     if args.imbalance_ratio is not None and max_per_class is None:
         base = set(order.source_ids[: order.num_base])
@@ -424,21 +608,44 @@ def make_shards(args: argparse.Namespace) -> None:
         "train": long_tail_caps(order.num_base, max_per_class, args.imbalance_ratio),
         "val": [args.val_per_class] * len(names),
     }
-    counts = np.zeros(len(names), dtype=np.int64)
+    chosen, bad = {}, []
     for split, items in dataset.splits.items():
-        chosen = select(items, order, caps[split], args.seed, split)
-        if split == "train":
-            counts = np.bincount([label for _, label in chosen], minlength=len(names))
-        shards = plan_shards(dataset, split, chosen, args.samples_per_shard, args.max_shard_bytes)
-        write_split(args, dataset, split, shards, names)
-    empty = [names[c] for c in range(order.num_base) if counts[c] == 0]
-    if empty:
+        picked = select(items, order, caps[split], args.seed, split)
+        chosen[split], dropped = drop_non_images(dataset, split, picked)
+        bad += [(split, path, reason) for path, reason in dropped]
+    _check_samples(args, dataset, order, names, chosen)
+    if bad and args.strict:
+        _, path, reason = bad[0]
+        raise UserInputError(
+            f"{len(bad)} file(s) are not images by content, e.g. {path} ({reason}); fix or "
+            f"remove them, or drop --strict to skip them (then listed in {SKIPPED_FILE})"
+        )
+    shards = {
+        split: plan_shards(dataset, split, picked, args.samples_per_shard, args.max_shard_bytes)
+        for split, picked in chosen.items()
+    }
+    folder = output if output.is_dir() else output.with_name(f"{output.name}.partial")
+    for split, split_shards in shards.items():
+        _check_plan(args, folder, split, _plan_id(dataset, split_shards))
+    folder.mkdir(parents=True, exist_ok=True)
+    for marker in FINISHED_MARKERS:
+        (folder / marker).unlink(missing_ok=True)
+    for split, split_shards in shards.items():
+        write_split(args, dataset, split, split_shards, names, folder)
+    counts = np.bincount([label for _, label in chosen["train"]], minlength=len(names))
+    _write_skipped(folder, bad)
+    write_classnames(folder / "classnames.txt", names)
+    write_counts_tsv(folder / "counts.tsv", names, counts, order.num_base)
+    if folder != output:
+        os.replace(folder, output)
+    for split, split_shards in shards.items():
+        last = len(split_shards) - 1
+        count = sum(len(shard) for shard in split_shards)
         print(
-            f"warning: {len(empty)} base class(es) without training images, e.g. {empty[0]!r}",
+            f"{split}: {output}/{split}-{{000000..{last:06d}}}.tar ({count} samples)",
             file=sys.stderr,
         )
-    write_classnames(output / "classnames.txt", names)
-    write_counts_tsv(output / "counts.tsv", names, counts, order.num_base)
+    print(_summary(output, shards, order, names, bad), file=sys.stderr)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -472,12 +679,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     new.add_argument("--num-new", type=int, help="last N classes are new (no training images)")
     new.add_argument("--new-fraction", type=float, help="fraction of classes that are new")
     new.add_argument("--base-classes", metavar="FILE", help="base class names or ids, one a line")
+    new.add_argument(
+        "--new-classes",
+        metavar="FILE",
+        help="new class names or ids, one a line: known by name only (no training images), "
+        "given the highest class ids",
+    )
     parser.add_argument("--num-classes", type=int, default=100, help="synthetic classes")
     parser.add_argument("--image-size", type=int, default=64, help="synthetic image size")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="synthetic JPEG quality")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of another plan")
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at files that are not images (else skipped)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    make_shards(args)
+    try:
+        make_shards(args)
+    except OSError as err:  # a disk or permission problem met while writing
+        where = err.filename or args.output
+        raise UserInputError(
+            f"{where}: {err.strerror or err}; free space or fix permissions, then rerun the "
+            "same command (finished shards are kept)"
+        ) from None
     return 0

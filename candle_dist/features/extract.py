@@ -4,13 +4,19 @@ Example:
   candle-dist extract --shards 'data/train-{000000..000123}.tar' --output features/train \\
       --model ViT-B-32 --pretrained openai --batch-size 256 --workers 8
 
+--pretrained is required: an open_clip tag, a checkpoint path, or `none` for random weights
+(the summary line then says RANDOM WEIGHTS: such features check the plumbing only).
+
 Shards are split across ranks (torchrun / accelerate launch / SLURM environment variables; a
 plain process is rank 0 of 1) and then across loader workers. Each input shard becomes one
 feature file, written under a temporary name and renamed, so a killed run restarted with the
-same command redoes only unfinished shards. Damaged samples (corrupt image, missing or bad
-label, truncated tar) are skipped and listed in manifest.json; --strict stops at the first.
-When every shard is done, rank 0 (or, without a process group, whichever rank finishes last)
-writes the text features of all class names, the labels, keys, counts and manifest.json.
+same command redoes only unfinished shards; features of another CLIP, class list or setting
+are refused. Damaged samples (corrupt image, missing or bad label, truncated tar) are skipped;
+what they cost is counted (exactly where the shard's samples record how many it holds, as
+make-shards writes them), listed in manifest.json and said as LOST in the last line; --strict
+stops at the first. When every shard is done, rank 0 (or, without a process group, whichever
+rank finishes last) writes the text features of all class names, the labels, keys, counts and,
+last, manifest.json; a store without any sample is an error and stays incomplete.
 Images and class names are encoded under one autocast (--precision, candle_dist/precision.py),
 recorded in the store so that `predict` encodes its images the same way.
 """
@@ -40,6 +46,7 @@ from candle_dist.data.shards import (
     TarReader,
     TarSample,
     atomic_write_text,
+    check_output_dir,
     expand_urls,
     is_local,
     read_classnames,
@@ -62,12 +69,16 @@ from candle_dist.features.store import (
     file_sha256,
     finalize_store,
     read_part_record,
+    shard_loss,
     write_part,
 )
 from candle_dist.features.transforms import ImagePreprocessor, PreprocessSpec
 from candle_dist.precision import PRECISIONS, autocast, resolve_precision
+from candle_dist.provenance import check_same, provenance
 
 IDENTITY_FILE = "extract.json"
+RANDOM_WEIGHTS = "none"
+SHOWN = 3  # shards named in the summary line before "and N more"
 
 
 @dataclass(frozen=True)
@@ -161,8 +172,15 @@ class _ShardBatches(IterableDataset):
     def _batches(self, job: _Job) -> Iterator[dict]:
         reader = TarReader(job.url)
         pixels, labels, keys, problems = [], [], [], []
+        read, expected, damage = 0, None, {}
         for item in reader:
-            prepared = self._prepare(item) if isinstance(item, TarSample) else item
+            if isinstance(item, TarSample):
+                read += 1
+                expected = _recorded_count(item) if read == 1 else expected
+                prepared = self._prepare(item)
+            else:  # the tar itself is damaged: nothing after this point can be read
+                damage = {"damaged_after": read, "damage": item.reason.split()[0]}
+                prepared = item
             if isinstance(prepared, ReadProblem):
                 problems.append({"key": prepared.key, "reason": prepared.reason})
                 continue
@@ -172,8 +190,23 @@ class _ShardBatches(IterableDataset):
             if len(keys) == self.batch_size:
                 yield self._batch(job, pixels, labels, keys, problems)
                 pixels, labels, keys, problems = [], [], [], []
+        if not damage and expected is not None and read < expected:
+            problems.append(
+                {
+                    "key": None,
+                    "reason": f"{expected - read} sample(s) missing: the shard's samples record "
+                    f"{expected}, its tar holds {read}",
+                }
+            )
         last = self._batch(job, pixels, labels, keys, problems)
-        last.update(last=True, input_sha256=reader.sha256, input_bytes=reader.num_bytes)
+        last.update(
+            last=True,
+            input_sha256=reader.sha256,
+            input_bytes=reader.num_bytes,
+            samples_read=read,
+            expected_samples=expected,
+            **damage,
+        )
         yield last
 
     def _prepare(self, sample: TarSample) -> tuple[torch.Tensor, int] | ReadProblem:
@@ -211,6 +244,16 @@ class _ShardBatches(IterableDataset):
             "problems": problems,
             "last": False,
         }
+
+
+def _recorded_count(sample: TarSample) -> int | None:
+    """How many samples the shard holds, as make-shards records in each sample's json; None
+    for shards written otherwise (a truncated one then lost an unknown number)."""
+    try:
+        count = json.loads(sample.fields["json"]).get("shard_samples")
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
 
 
 @dataclass(frozen=True)
@@ -298,30 +341,48 @@ def _plan(shards, output, classnames, counts, split) -> _Plan:
     )
 
 
-def _check_identity(output: Path, identity: dict) -> None:
-    """Refuse to mix features of another model, dimension or setting into an existing store."""
+def _check_store_dir(output: Path) -> None:
+    """`output` is new, empty or a store of extract (to resume or redo): any other folder's
+    files (the shards' own classnames.txt, say) would be overwritten by the store's."""
+    check_output_dir(output)
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not any((output / name).exists() for name in (IDENTITY_FILE, MANIFEST, SHARD_DIR)):
+        raise UserInputError(
+            f"--output {output}: holds other files, no feature store; choose a new or empty "
+            "folder (one per split)"
+        )
+
+
+def _check_identity(output: Path, identity: dict, record: dict) -> None:
+    """Refuse to mix features of another model, class list, dimension or setting into an
+    existing store; a new store records what it is made of in extract.json first."""
     path = output / IDENTITY_FILE
-    existing = None
+    fix = f"write to a new --output, or delete {output} to start over"
+    existing, source = None, None
     for candidate in (path, output / MANIFEST):
         if candidate.is_file():
-            existing = json.loads(candidate.read_text())
+            try:
+                existing, source = json.loads(candidate.read_text()), candidate
+            except json.JSONDecodeError:
+                raise UserInputError(f"{candidate}: not valid JSON; {fix}") from None
             break
     if existing is None and any((output / SHARD_DIR).glob("*.json")):
-        existing = {"model": "unknown (shard files without extract.json)"}
+        raise UserInputError(
+            f"{output}: holds shard files of an unknown extraction (no {IDENTITY_FILE}); {fix}"
+        )
     if existing is not None:
-        diffs = [
-            f"{key} {existing.get(key)!r} != {value!r}"
-            for key, value in identity.items()
-            if existing.get(key) != value
-        ]
-        if diffs:
-            raise UserInputError(
-                f"{output}: holds features of another extraction ({'; '.join(diffs)}); "
-                "write to a new --output, or delete that directory to start over"
-            )
+        store, command = f"store {output} ({source.name})", "this extract command"
+        check_same(existing.get("provenance") or {}, record, store, command, fix=fix)
+        for key, value in identity.items():
+            if existing.get(key) != value:
+                raise UserInputError(
+                    f"{store} and {command} do not match: {key} {existing.get(key)!r} != "
+                    f"{value!r}; {fix}"
+                )
     if not path.is_file():
         output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(identity, indent=1))
+        atomic_write_text(path, json.dumps({**identity, "provenance": record}, indent=1))
 
 
 def _feature_dim(clip: torch.nn.Module, spec: PreprocessSpec, device: torch.device) -> int:
@@ -345,11 +406,40 @@ def _process_group(env: DistEnv) -> bool:
     return True
 
 
+def _check_numbers(
+    views: int, batch_size: int, workers: int | None, seed: int, dtype: str, split: str
+) -> None:
+    if views < 0:
+        raise UserInputError(f"--views {views}: give a whole number >= 0")
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size {batch_size}: give a whole number >= 1")
+    if workers is not None and workers < 0:
+        raise UserInputError(
+            f"--workers {workers}: give a whole number >= 0 (0: no loader process)"
+        )
+    if seed < 0:
+        raise UserInputError(f"--seed {seed}: give a whole number >= 0")
+    if dtype not in DTYPES:
+        raise UserInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if split not in ("auto", "train", "eval"):
+        raise UserInputError(f"--split {split!r}: choose auto, train or eval")
+
+
+def _weights(pretrained: str | None) -> str:
+    """The --pretrained value, required: random weights only when asked for by name."""
+    if pretrained is None or not pretrained.strip():
+        raise UserInputError(
+            "--pretrained is required: an open_clip tag (e.g. openai), a checkpoint path, or "
+            f"'{RANDOM_WEIGHTS}' for random weights (whose features mean nothing)"
+        )
+    return RANDOM_WEIGHTS if pretrained.strip().lower() == RANDOM_WEIGHTS else pretrained
+
+
 def extract(
     shards: str | Sequence[str],
     output: str | Path,
     model: str | None = None,
-    pretrained: str | None = "none",
+    pretrained: str | None = None,
     *,
     model_config: str | Path | None = None,
     classnames: str | Path | None = None,
@@ -370,17 +460,16 @@ def extract(
     """Extract this rank's unfinished shards into the store `output`; finalize when all are done.
 
     `model` defaults to the stem of `model_config` when one is given, else ViT-B-32.
+    `pretrained` is required: an open_clip tag, a checkpoint path, or "none" (random weights).
     `precision` (auto, bf16, fp32) is resolved on the device and recorded in the store.
+    Everything the user gives is checked before anything is written.
 
     Returns this rank's figures: shards and samples done here, seconds in total, in the
     encoder and waiting for the loader, and whether the store was completed by this call.
     """
-    if views < 0 or batch_size < 1:
-        raise UserInputError("--views must be >= 0 and --batch-size >= 1")
-    if dtype not in DTYPES:
-        raise UserInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if split not in ("auto", "train", "eval"):
-        raise UserInputError(f"--split {split!r}: choose auto, train or eval")
+    _check_numbers(views, batch_size, workers, seed, dtype, split)
+    weights = _weights(pretrained)
+    _check_store_dir(Path(output))
     templates = check_templates(templates)
     plan = _plan(shards, output, classnames, counts, split)
     info = read_class_info(class_info, len(plan.classnames)) if class_info else None
@@ -390,10 +479,9 @@ def extract(
     dev = resolve_device(device, env)
     precision = resolve_precision(precision, dev, "--precision")
     model = model or (Path(model_config).stem if model_config else "ViT-B-32")
-    clip, _, tokenizer = load_clip(model, pretrained, model_config, device=dev)
+    clip, _, tokenizer = load_clip(model, weights, model_config, device=dev)
     spec = PreprocessSpec.from_model(clip)
     dim = _feature_dim(clip, spec, dev)
-    weights = pretrained or "none"
     identity = {
         "model": model,
         "pretrained": os.path.abspath(weights) if os.path.isfile(weights) else weights,
@@ -405,7 +493,14 @@ def extract(
         "image_size": list(spec.size),
         "view_seed": seed,
     }
-    _check_identity(plan.output, identity)
+    record = provenance(
+        plan.classnames,
+        model=model,
+        pretrained=identity["pretrained"],
+        templates=templates,
+        dim=dim,
+    )
+    _check_identity(plan.output, identity, record)
     created_group = _process_group(env)
     try:
         jobs = [
@@ -416,9 +511,9 @@ def extract(
         workers = default_workers(dev, env) if workers is None else workers
         say = print if progress else (lambda *a, **k: None)
         say(
-            f"rank {env.rank}/{env.world_size} ({env.launcher}): {len(jobs)} shard(s) to encode of "
-            f"{len(plan.urls)}; {model} ({weights}), dim {dim}, {views} view(s), {dev}, "
-            f"{precision}, {workers} loader worker(s)",
+            f"rank {env.rank}/{env.world_size} ({env.launcher}): {len(jobs)} shard(s) to encode "
+            f"of {len(plan.urls)}; {model} ({_weights_shown(weights)}), dim {dim}, "
+            f"{views} view(s), {dev}, {precision}, {workers} loader worker(s)",
             file=sys.stderr,
         )
         prep = ImagePreprocessor(spec, views=views, seed=seed)
@@ -429,16 +524,30 @@ def extract(
         stats.update(rank=env.rank, world_size=env.world_size, store=str(plan.output))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
+            error = None
             if dist.get_rank() == 0:
-                _finalize(plan, clip, tokenizer, templates, info, identity, dev)
-            dist.barrier()
+                try:
+                    _finalize(plan, clip, tokenizer, templates, info, identity, dev, strict)
+                except Exception as err:  # every rank stops with rank 0's message, none hangs
+                    error = err
+            message = [None if error is None else str(error)]
+            dist.broadcast_object_list(message, src=0)
+            if error is not None:
+                raise error
+            if message[0] is not None:
+                raise UserInputError(message[0])
             stats["finalized"] = True
         else:
             pending = [n for n in plan.names if read_part_record(plan.output, n) is None]
             if not pending:
-                _finalize(plan, clip, tokenizer, templates, info, identity, dev)
+                _finalize(plan, clip, tokenizer, templates, info, identity, dev, strict)
             stats["finalized"] = not pending
-        say(_summary(stats), file=sys.stderr)
+        manifest = json.loads((plan.output / MANIFEST).read_text()) if stats["finalized"] else None
+        stats.update(
+            num_lost=manifest["num_lost"] if manifest else None,
+            random_weights=weights == RANDOM_WEIGHTS,
+        )
+        say(_summary(stats, manifest), file=sys.stderr)
         return stats
     finally:
         if created_group:
@@ -460,43 +569,52 @@ def _encode(clip, prep: ImagePreprocessor, jobs: list[_Job], plan: _Plan, run: _
             prefetch_factor=4 if run.workers else None,
         )
         buffers: dict[int, _ShardBuffer] = {}
-        bar = tqdm(total=len(jobs), unit="shard", disable=not run.progress, file=sys.stderr)
-        batches = iter(loader)
-        while True:
-            tick = time.perf_counter()
-            batch = next(batches, None)
-            wait_s += time.perf_counter() - tick
-            if batch is None:
-                break
-            buffer = buffers.setdefault(batch["job"], _ShardBuffer())
-            url = plan.urls[batch["job"]]
-            if run.strict and batch["problems"]:
-                problem = batch["problems"][0]
-                raise UserInputError(
-                    f"shard {url}: sample {problem['key']}: {problem['reason']} (--strict; "
-                    "without it such samples are skipped and listed in manifest.json)"
-                )
-            tick = time.perf_counter()
-            if len(batch["keys"]):
-                buffer.features.append(_encode_batch(clip, prep, batch["pixels"], run))
-            encoder_s += time.perf_counter() - tick
-            buffer.labels += batch["labels"].tolist()
-            buffer.keys += batch["keys"]
-            buffer.problems += batch["problems"]
-            if batch["last"]:
-                done = buffers.pop(batch["job"])
-                _write_shard(plan, batch, done, run)
-                stats["shards_done"] += 1
-                stats["samples_done"] += len(done.keys)
-                stats["samples_skipped"] += len(done.problems)
-                bar.update(1)
-                rate = stats["samples_done"] / (time.perf_counter() - start)
-                bar.set_postfix(img_s=f"{rate:.1f}")
-        bar.close()
+        with tqdm(total=len(jobs), unit="shard", disable=not run.progress, file=sys.stderr) as bar:
+            batches = iter(loader)
+            while True:
+                tick = time.perf_counter()
+                batch = next(batches, None)
+                wait_s += time.perf_counter() - tick
+                if batch is None:
+                    break
+                buffer = buffers.setdefault(batch["job"], _ShardBuffer())
+                url = plan.urls[batch["job"]]
+                if run.strict and batch["problems"]:
+                    raise UserInputError(_strict_error(url, batch))
+                tick = time.perf_counter()
+                if len(batch["keys"]):
+                    buffer.features.append(_encode_batch(clip, prep, batch["pixels"], run))
+                encoder_s += time.perf_counter() - tick
+                buffer.labels += batch["labels"].tolist()
+                buffer.keys += batch["keys"]
+                buffer.problems += batch["problems"]
+                if batch["last"]:
+                    done = buffers.pop(batch["job"])
+                    _write_shard(plan, batch, done, run)
+                    stats["shards_done"] += 1
+                    stats["samples_done"] += len(done.keys)
+                    stats["samples_skipped"] += len(done.problems)
+                    bar.update(1)
+                    rate = stats["samples_done"] / (time.perf_counter() - start)
+                    bar.set_postfix(img_s=f"{rate:.1f}")
     stats.update(
         seconds=time.perf_counter() - start, encoder_seconds=encoder_s, loader_wait_seconds=wait_s
     )
     return stats
+
+
+def _strict_error(url: str, batch: dict) -> str:
+    """The --strict error for the first problem of a batch, naming the shard and the sample."""
+    problem = batch["problems"][0]
+    what = problem["reason"]
+    if what.startswith(("truncated tar", "unreadable tar")):
+        what = f"{what} after sample {batch.get('damaged_after')}"
+    elif problem["key"] is not None:
+        what = f"sample {problem['key']}: {what}"
+    return (
+        f"shard {url}: {what} (--strict; without it such samples are skipped, counted as LOST "
+        "and listed in manifest.json)"
+    )
 
 
 def _encode_batch(
@@ -527,11 +645,40 @@ def _write_shard(plan: _Plan, batch: dict, buffer: _ShardBuffer, run: _Settings)
         skipped=buffer.problems,
         input_sha256=batch["input_sha256"],
         input_bytes=batch["input_bytes"],
+        samples_read=batch["samples_read"],
+        expected_samples=batch["expected_samples"],
+        **{k: batch[k] for k in ("damaged_after", "damage") if k in batch},
     )
 
 
-def _finalize(plan: _Plan, clip, tokenizer, templates, info, identity: dict, dev) -> None:
-    """Text features, labels, keys, counts and, last, the manifest."""
+def _finalize(
+    plan: _Plan, clip, tokenizer, templates, info, identity: dict, dev, strict: bool
+) -> None:
+    """Text features, labels, keys, counts and, last, the manifest; a store without samples
+    (or, with --strict, with losses, met in an earlier run) stays incomplete: an error."""
+    records = [read_part_record(plan.output, name) or {} for name in plan.names]
+    shards = [
+        {"url": url, **record, "num_lost": shard_loss(record)[0]}
+        for url, record in zip(plan.urls, records, strict=True)
+    ]
+    fix = "fix the shards (candle-dist make-shards) and extract them into a new --output"
+    summary = {  # the loss fields of the manifest, before it is written
+        "shards": shards,
+        "skipped": [{"shard": r.get("name"), **p} for r in records for p in r.get("skipped", [])],
+        "num_lost": sum(s["num_lost"] for s in shards),
+        "num_lost_is_lower_bound": any(shard_loss(r)[1] for r in records),
+    }
+    if not any(record.get("num_samples") for record in records):
+        lost = _losses(summary) or "the shards hold no samples"
+        raise UserInputError(
+            f"no sample of the {len(records)} shard(s) could be stored in {plan.output}: "
+            f"{lost}; {fix} (or delete {plan.output} and rerun)"
+        )
+    if strict and (summary["num_lost"] or summary["num_lost_is_lower_bound"]):
+        raise UserInputError(
+            f"{plan.output}: {_losses(summary)}, skipped by an earlier run without --strict "
+            f"(--strict); {fix}, or rerun without --strict"
+        )
     text = encode_classnames(
         clip,
         tokenizer,
@@ -558,18 +705,71 @@ def _finalize(plan: _Plan, clip, tokenizer, templates, info, identity: dict, dev
         stale.unlink(missing_ok=True)
 
 
-def _summary(stats: dict) -> str:
+def _weights_shown(weights: str) -> str:
+    return (
+        f"RANDOM WEIGHTS: --pretrained {RANDOM_WEIGHTS}" if weights == RANDOM_WEIGHTS else weights
+    )
+
+
+def _shard_file(shard: dict) -> str:
+    url = shard.get("url") or shard.get("name", "?")
+    return url.split()[-1].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _losses(manifest: dict) -> str:
+    """What the store lost, per shard (the first few), as one clause; "" when nothing."""
+    kinds: dict[str, list[str]] = {}
+    for problem in manifest["skipped"]:
+        kind = problem["reason"].split(" (")[0]
+        if not kind.startswith(("truncated tar", "unreadable tar")):
+            kinds.setdefault(problem["shard"], [])
+            if kind not in kinds[problem["shard"]]:
+                kinds[problem["shard"]].append(kind)
+    parts = []
+    for shard in manifest["shards"]:
+        lost, after = shard.get("num_lost", 0), shard.get("damaged_after")
+        if after is None and not lost:
+            continue
+        why = kinds.get(shard.get("name"), [])[:SHOWN]
+        damage = (
+            None if after is None else f"{shard.get('damage', 'truncated')} after sample {after}"
+        )
+        if damage and shard.get("expected_samples") is None:
+            before = f" ({', '.join(why)} before that)" if why else ""
+            parts.append(f"{_shard_file(shard)} {damage}, the rest LOST{before}")
+        else:
+            why = [damage, *why] if damage else why
+            parts.append(f"{lost} LOST from {_shard_file(shard)} ({', '.join(why)})")
+    if len(parts) <= 1:
+        return "".join(parts)
+    more = f" and {len(parts) - SHOWN} more shard(s)" if len(parts) > SHOWN else ""
+    total = manifest["num_lost"]
+    bound = "at least " if manifest["num_lost_is_lower_bound"] else ""
+    return f"{bound}{total} sample(s) LOST: {'; '.join(parts[:SHOWN])}{more}"
+
+
+def _summary(stats: dict, manifest: dict | None) -> str:
+    """The last line: this rank's figures and, once the store is complete, what it lost and
+    whether its CLIP had random weights."""
     seconds = max(stats["seconds"], 1e-9)
     line = (
         f"rank {stats['rank']}/{stats['world_size']}: {stats['samples_done']} samples from "
         f"{stats['shards_done']} shard(s) in {seconds:.1f}s "
         f"({stats['samples_done'] / seconds:.1f} img/s, encoder "
-        f"{100 * stats['encoder_seconds'] / seconds:.0f}% of the time), "
-        f"{stats['samples_skipped']} skipped"
+        f"{100 * stats['encoder_seconds'] / seconds:.0f}% of the time)"
     )
-    if stats["finalized"]:
-        return line + f"; store complete: {stats['store']}"
-    return line + "; other ranks' shards are still pending (rerun to finish the store)"
+    if manifest is None:
+        if stats["samples_skipped"]:
+            line += f", {stats['samples_skipped']} damaged sample(s) skipped"
+        line += "; other ranks' shards are still pending (rerun to finish the store)"
+    else:
+        line += f"; store complete: {stats['store']} ({manifest['num_samples']} samples)"
+        losses = _losses(manifest)
+        if losses:
+            line += f"; {losses} (listed in its manifest.json; --strict stops instead)"
+    if stats["random_weights"]:
+        line += f"; {_weights_shown(RANDOM_WEIGHTS)}, the features check the plumbing only"
+    return line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -579,7 +779,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="open_clip model name (default: the --model-config stem, or ViT-B-32)"
     )
     parser.add_argument(
-        "--pretrained", default="none", help="open_clip tag, checkpoint path, or none (random)"
+        "--pretrained",
+        help="required: open_clip tag, checkpoint path, or none (random weights, said so)",
     )
     parser.add_argument("--model-config", help="open_clip model config JSON (name = file stem)")
     parser.add_argument("--classnames", help="class names file (default: beside the shards)")
@@ -618,6 +819,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        _run(args)
+    except OSError as err:  # a disk or permission problem met while writing the store
+        raise UserInputError(
+            f"{err.filename or args.output}: {err.strerror or err}; check the path, its "
+            "permissions and free space, then rerun the same command (finished shards are kept)"
+        ) from None
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     extract(
         args.shards,
         args.output,
@@ -638,4 +850,3 @@ def main(args: argparse.Namespace) -> int:
         split=args.split,
         seed=args.seed,
     )
-    return 0

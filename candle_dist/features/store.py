@@ -2,7 +2,9 @@
 
 Layout of a store directory (every file written under a temporary name, then renamed):
 
-    manifest.json         written last: the store is complete when it exists
+    manifest.json         written last: the store is complete when it exists; it records
+                          the provenance (class list, CLIP, templates, dim) and every sample
+                          lost (skipped as damaged, or unread past a truncation)
     shards/NAME.npy       features [n, D] of input shard NAME (float16 or float32)
     shards/NAME.views.npy augmented views [n, K, D], when extracted with --views K
     shards/NAME.json      the shard's record (keys, labels, skipped samples, checksums);
@@ -40,6 +42,7 @@ from candle_dist.data.shards import (
     write_counts_tsv,
 )
 from candle_dist.errors import UserInputError
+from candle_dist.provenance import provenance
 
 FORMAT = "candle-dist-feature-store/1"
 MANIFEST = "manifest.json"
@@ -68,6 +71,16 @@ def read_part_record(store: str | Path, name: str) -> dict | None:
         return None
     features = Path(store) / SHARD_DIR / record.get("features_file", "")
     return record if features.is_file() else None
+
+
+def shard_loss(record: dict) -> tuple[int, bool]:
+    """(samples of a finished shard that are not in the store, whether more may be lost): a
+    shard whose samples recorded how many it held counts exactly; otherwise only the damaged
+    samples read are counted, and a tar damaged part-way lost an unknown rest."""
+    expected = record.get("expected_samples")
+    if expected is not None:
+        return max(0, int(expected) - int(record["num_samples"])), False
+    return len(record.get("skipped", [])), record.get("damaged_after") is not None
 
 
 def write_part(
@@ -158,11 +171,30 @@ def finalize_store(
     write_classnames(store / "classnames.txt", classnames)
     write_counts_tsv(store / "counts.tsv", classnames, counts, num_base_classes)
     skipped = [{"shard": r["name"], **problem} for r in records for problem in r.get("skipped", [])]
-    shard_fields = ("name", "url", "num_samples", "features_file", "sha256", "input_sha256")
+    shard_fields = (
+        "name",
+        "url",
+        "num_samples",
+        "features_file",
+        "sha256",
+        "input_sha256",
+        "expected_samples",
+        "damaged_after",
+        "damage",
+    )
+    losses = [shard_loss(r) for r in records]
+    dim = dims.pop()
     manifest = {
         "format": FORMAT,
         **manifest_fields,
-        "dim": dims.pop(),
+        "provenance": provenance(
+            classnames,
+            model=manifest_fields.get("model"),
+            pretrained=manifest_fields.get("pretrained"),
+            templates=manifest_fields.get("templates"),
+            dim=dim,
+        ),
+        "dim": dim,
         "dtype": dtypes.pop(),
         "num_views": views.pop(),
         "num_samples": len(labels),
@@ -170,13 +202,16 @@ def finalize_store(
         "num_base_classes": int(num_base_classes),
         "num_skipped": len(skipped),
         "skipped": skipped,
+        "num_lost": sum(lost for lost, _ in losses),
+        "num_lost_is_lower_bound": any(more for _, more in losses),
         "shards": [
             {
-                **{k: r[k] for k in shard_fields if k in r},
+                **{k: r[k] for k in shard_fields if r.get(k) is not None},
                 "num_skipped": len(r.get("skipped", [])),
+                "num_lost": lost,
                 **({"views_sha256": r["views_sha256"]} if "views_sha256" in r else {}),
             }
-            for r in records
+            for r, (lost, _) in zip(records, losses, strict=True)
         ],
     }
     atomic_write_text(store / MANIFEST, json.dumps(manifest, indent=1))
@@ -331,6 +366,12 @@ class FeatureStore:
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    @property
+    def provenance(self) -> dict:
+        """What the store was made from (candle_dist.provenance): class list, CLIP, templates,
+        dim; {} for stores written before it was recorded."""
+        return dict(self.manifest.get("provenance") or {})
 
     @property
     def logit_scale(self) -> float | None:
