@@ -138,9 +138,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserInputError(f"--sampled {args.sampled}: the fraction must be in (0, 1]")
     if args.sampled is not None and args.dense:
         raise UserInputError("--sampled times the memory-efficient head only: drop --dense")
-    for name, low in (("classes", 1), ("batch", 1), ("dim", 1), ("steps", 1), ("warmup", 0)):
+    for name, low in (
+        ("classes", 1), ("batch", 1), ("dim", 1), ("steps", 1), ("warmup", 0), ("num_heads", 1),
+        ("seed", 0),
+    ):  # fmt: skip
         if getattr(args, name) < low:
-            raise UserInputError(f"--{name} must be at least {low}, got {getattr(args, name)}")
+            option = "--" + name.replace("_", "-")
+            raise UserInputError(f"{option} must be at least {low}, got {getattr(args, name)}")
     if args.dim % args.num_heads:
         raise UserInputError(
             f"--dim {args.dim} is not divisible by --num-heads {args.num_heads}: pick a multiple"

@@ -7,7 +7,8 @@ dependence: the class tokens are fused once without any image ("a batch of zero"
 and values are cached, and each image token attends to itself plus the class tokens its mask
 mode allows. A prediction then depends on its own image only, and costs O(C x D).
 
-This module needs only torch: an exported classifier loads without the training code.
+This module needs only torch (and the plain-Python provenance record): an exported classifier
+loads without the training code.
 
     clf = ExportedClassifier.load("runs/x/final/classifier.pt")
     scores = clf.scores(image_features)          # [N, C]
@@ -18,16 +19,26 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from candle_dist.provenance import provenance
 
 FORMAT = "candle_dist.classifier/1"
 
 
 @torch.no_grad()
-def export_classifier(head, path: str | os.PathLike, classnames: list[str]) -> None:
-    """Write the batch-independent classifier of a one-process `CandleHead` (atomically)."""
+def export_classifier(
+    head,
+    path: str | os.PathLike,
+    classnames: list[str],
+    record: dict[str, Any] | None = None,
+) -> None:
+    """Write the batch-independent classifier of a one-process `CandleHead` (atomically), with
+    `record`, the provenance of its training features (candle_dist.provenance), which predict
+    compares with the features it is given."""
     head = head.eval()
     num_heads = head.fusion.num_heads
     protos = head.prototypes() @ head.proj_image
@@ -49,6 +60,7 @@ def export_classifier(head, path: str | os.PathLike, classnames: list[str]) -> N
     state = {
         "format": FORMAT,
         "classnames": list(classnames),
+        "provenance": record,
         "num_base_classes": head.num_base_classes,
         "num_heads": num_heads,
         "scale": head.scale,
@@ -84,7 +96,19 @@ class ExportedClassifier:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> ExportedClassifier:
-        state = torch.load(path, map_location=device, weights_only=True)
+        """The classifier in `path`; a ValueError saying what is wrong with the file otherwise."""
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(
+                f"{path} does not exist: pass the final/ directory of a finished training run"
+            ) from None
+        except Exception as err:  # truncated or foreign: torch raises many types
+            raise ValueError(
+                f"{path} cannot be loaded ({str(err).splitlines()[0]}): the file is damaged; "
+                "rerun `candle-dist train --resume` with the run's config (a finished run only "
+                "writes final/ again)"
+            ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(
                 f"{path} is not an exported candle_dist classifier: export one with "
@@ -95,6 +119,17 @@ class ExportedClassifier:
     @property
     def dim(self) -> int:
         return int(self.state["proj_image"].shape[0])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What the training features were made from (classifiers exported before it was
+        recorded: the class list and dimension only)."""
+        recorded = self.state.get("provenance")
+        if recorded:
+            return recorded
+        return provenance(
+            self.classnames, model=None, pretrained=None, templates=None, dim=self.dim
+        )
 
     @torch.no_grad()
     def scores(self, image_features: torch.Tensor, columns: str = "all") -> torch.Tensor:

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("candle_dist.demo.run", "end-to-end demo on synthetic long-tailed data"),
     "submit": ("candle_dist.submit", "submit extraction + training to SLURM via submitit"),
 }
+INTERRUPTED = "interrupted (Ctrl-C) before it finished; rerun the command (train: with --resume)"
 
 
 def _top_level_parser() -> argparse.ArgumentParser:
@@ -85,9 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"candle-dist {name}: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
-        print(f"candle-dist {name}: error: {err}", file=sys.stderr)
+    except OSError as err:  # a path the user gave that checks before the work did not catch
+        print(f"candle-dist {name}: error: {_describe(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"candle-dist {name}: error: {INTERRUPTED}", file=sys.stderr)
+        return 130
+
+
+def _describe(err: OSError) -> str:
+    """One line for a failed file operation: the path, the reason, what to check."""
+    if err.filename is None:
+        return f"{err}; check the paths given and free disk space"
+    where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    return f"{where}: {err.strerror or err}; check the path, its permissions and free disk space"
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
     cfg = load_config("configs/inat2018.yaml", ["optim.lr=1e-3", "head.mask=in_visual"])
 
-An unknown key is an error that lists the valid keys of its section.
+An unknown key is an error that lists the valid keys of its section; a value a run could not
+use (a negative learning rate, zero epochs, an unknown loss) is an error naming the key, before
+any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,6 +115,24 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """A UserInputError naming the first value a run could not use meaningfully.
+
+        Such values otherwise fail deep inside a run (a zero checkpoint interval divides by
+        zero, a negative seed fails numpy) or, worse, finish with a result that means nothing
+        (zero epochs export an untrained head, a negative learning rate ascends the loss).
+        """
+        for section in dataclasses.fields(self):
+            for name, value in dataclasses.asdict(getattr(self, section.name)).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UserInputError(f"{section.name}.{name}={value!r} must be a finite number")
+        for key, value, choices in _choices(self):
+            if value not in choices:
+                raise UserInputError(f"unknown {key}={value!r}: choose one of {', '.join(choices)}")
+        for key, value, ok, requirement in _ranges(self):
+            if not ok:
+                raise UserInputError(f"{key}={value!r} {requirement}")
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file (or defaults), then `section.key=value` overrides applied."""
@@ -138,7 +159,73 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise UserInputError(f"override {item!r}: {part} is not a section")
         node[leaf] = yaml.safe_load(value) if value != "" else ""
-    return _build(Config, raw, source, "")
+    cfg = _build(Config, raw, source, "")
+    cfg.validate()
+    return cfg
+
+
+def _choices(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(key, value, valid values) of every option that names one of a fixed set."""
+    from candle_dist.model.fusion import MASK_MODES
+    from candle_dist.model.head import VIRTUAL_INITS
+    from candle_dist.model.losses import LOSSES
+    from candle_dist.precision import PRECISIONS
+
+    return [
+        ("clip.precision", cfg.clip.precision, PRECISIONS),
+        ("head.mask", cfg.head.mask, MASK_MODES),
+        ("head.virtual_init", cfg.head.virtual_init, VIRTUAL_INITS),
+        ("loss.name", cfg.loss.name, tuple(LOSSES)),
+        ("train.precision", cfg.train.precision, PRECISIONS),
+    ]
+
+
+def _ranges(cfg: Config) -> list[tuple[str, Any, bool, str]]:
+    """(key, value, whether it is usable, what it must be and why) of every numeric option."""
+    c, h, loss, o, t = cfg.clip, cfg.head, cfg.loss, cfg.optim, cfg.train
+    at_least_one = "must be at least 1"
+    return [
+        ("clip.batch_size", c.batch_size, c.batch_size >= 1, at_least_one),
+        ("clip.workers", c.workers, c.workers >= 0, "must be 0 (load in the main process) or more"),
+        ("clip.views", c.views, c.views >= 0, "must be 0 (no augmented views) or more"),
+        ("head.visual_scale", h.visual_scale, h.visual_scale >= 0, "must be 0 or more"),
+        ("head.num_heads", h.num_heads, h.num_heads >= 1, at_least_one),
+        ("head.attn_dropout", h.attn_dropout, 0 <= h.attn_dropout < 1, "must be in [0, 1)"),
+        ("head.chunk_rows", h.chunk_rows, h.chunk_rows >= 1, at_least_one),
+        ("loss.tau", loss.tau, loss.tau >= 0, "must be 0 or more (the logit adjustment's weight)"),
+        ("loss.gamma", loss.gamma, loss.gamma >= 0, "must be 0 or more (focal loss exponent)"),
+        ("loss.beta", loss.beta, 0 <= loss.beta < 1, "must be in [0, 1) (e.g. 0.9999)"),
+        ("optim.lr", o.lr, o.lr > 0, "must be positive (the reference recipe uses 3e-4)"),
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "must be in [0, 1) (e.g. 0.9)"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be 0 or more"),
+        (
+            "optim.epochs",
+            o.epochs,
+            o.epochs >= 1,
+            "must be at least 1: a run without an epoch would export an untrained head",
+        ),
+        ("optim.warmup_epochs", o.warmup_epochs, o.warmup_epochs >= 0, "must be 0 or more"),
+        ("optim.warmup_lr", o.warmup_lr, o.warmup_lr >= 0, "must be 0 or more"),
+        ("optim.batch_size", o.batch_size, o.batch_size >= 1, at_least_one),
+        ("train.output", t.output, t.output.strip() != "", "must name the run's output folder"),
+        ("train.seed", t.seed, t.seed >= 0, "must be 0 or more"),
+        ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 1, at_least_one),
+        ("train.log_every", t.log_every, t.log_every >= 1, at_least_one),
+        ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size >= 1, at_least_one),
+        (
+            "train.dist_timeout_minutes",
+            t.dist_timeout_minutes,
+            t.dist_timeout_minutes > 0,
+            "must be positive (minutes a rank waits in a collective; NCCL's default is 10)",
+        ),
+        (
+            "train.class_sample_fraction",
+            t.class_sample_fraction,
+            0 <= t.class_sample_fraction <= 1,
+            "must be in [0, 1] (0 disables sampling)",
+        ),
+        ("train.num_workers", t.num_workers, t.num_workers >= 0, "must be 0 or more"),
+    ]
 
 
 def _build(cls: type, raw: dict[str, Any], source: str, where: str):

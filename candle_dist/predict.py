@@ -9,7 +9,9 @@ Example:
 Inputs are image files, folders of images, WebDataset shards (brace expansion allowed), feature
 stores or .npy feature arrays. Images are encoded with the CLIP that made the training features
 and under the same autocast (both recorded in the checkpoint; --model/--pretrained/--precision
-override them), so the classifier scores features like those it was trained on. Predictions use
+override them, but only to restate the recorded CLIP: features of another CLIP, or a store
+extracted with one, are refused), so the classifier scores features like those it was trained
+on. With --output, the file appears only when every input was read. Predictions use
 the exported classifier, so a sample's scores never depend on the rest of its batch (see
 candle_dist/classifier.py for why the head's own test forward does, in every mask mode).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from candle_dist import provenance as prov
 from candle_dist.errors import UserInputError
 from candle_dist.precision import PRECISIONS, autocast, resolve_precision
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+# the CLIP fields of features, compared between the checkpoint and what predict is given (the
+# class list and templates make the text side, which the exported classifier carries itself)
+FEATURE_FIELDS = ("dim", "model", "pretrained")
+UNKNOWN_CLIP = "arrays"  # what FeatureStore.from_arrays records for features of unknown origin
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="override the CLIP model name")
     parser.add_argument("--pretrained", help="override the CLIP weights (tag, path or none)")
     parser.add_argument("--model-config", help="open_clip model config JSON for --model")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -108,37 +116,74 @@ def _image_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _check_inputs(inputs: list[str], record: dict) -> None:
+    """Every input exists, and every feature store holds features of the checkpoint's CLIP
+    (its provenance `record`), before any prediction is made."""
+    from candle_dist.data.shards import expand_urls, is_local
+    from candle_dist.features.store import FeatureStore
+    from candle_dist.train.data import store_provenance
+
+    for item in inputs:
+        path = Path(item)
+        if _is_store(path):
+            prov.check_same(
+                record,
+                store_provenance(FeatureStore(path)),
+                "the checkpoint",
+                f"store {item}",
+                fix="predict on features extracted with the checkpoint's CLIP",
+                fields=FEATURE_FIELDS,
+            )
+        elif _is_shards(item):
+            for url in expand_urls(item):
+                if is_local(url) and not Path(url.removeprefix("file:")).exists():
+                    raise UserInputError(f"shard {url} does not exist")
+        elif not path.exists():
+            raise UserInputError(
+                f"{item} does not exist (expected an image, a folder, shards, a store or .npy)"
+            )
+
+
+def _is_store(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").exists()
+
+
+def _is_shards(item: str) -> bool:
+    return ".tar" in item and not item.endswith(".npy") and not Path(item).is_dir()
+
+
 def _batches(inputs: list[str], batch_size: int) -> Iterator[tuple[str, list[str], object]]:
-    """('features', keys, array) or ('images', keys, list of bytes) batches, input by input."""
+    """('features', keys, array) or ('images', keys, list of bytes) batches, input by input
+    (checked by `_check_inputs`)."""
     from candle_dist.data.shards import ReadProblem, TarReader, expand_urls
 
     for item in inputs:
         path = Path(item)
         if item.endswith(".npy"):
-            if not path.exists():
-                raise UserInputError(f"{item} does not exist")
-            array = np.load(path, mmap_mode="r")
+            try:
+                array = np.load(path, mmap_mode="r")
+            except OSError as err:
+                raise UserInputError(f"{item}: cannot be read ({err.strerror})") from None
+            except ValueError:
+                raise UserInputError(
+                    f"{item}: not a readable .npy array (damaged, or another format); give a "
+                    "[N, D] float array written with numpy.save"
+                ) from None
             if array.ndim != 2:
                 raise UserInputError(f"{item}: expected a [N, D] feature array, got {array.shape}")
             for s in range(0, len(array), batch_size):
                 keys = [f"{item}:{i}" for i in range(s, min(s + batch_size, len(array)))]
                 yield "features", keys, np.array(array[s : s + batch_size], dtype=np.float32)
-        elif path.is_dir() and (path / "manifest.json").exists():
+        elif _is_store(path):
             from candle_dist.features.store import FeatureStore
 
             store = FeatureStore(path)
             for s in range(0, len(store), batch_size):
                 rows = np.array(store.features[s : s + batch_size], dtype=np.float32)
                 yield "features", list(store.keys[s : s + batch_size]), rows
-        elif ".tar" in item:
+        elif _is_shards(item):
             pending_keys, pending = [], []
             for url in expand_urls(item):
-                if (
-                    Path(url).suffix == ".tar"
-                    and not url.startswith("pipe:")
-                    and not Path(url).exists()
-                ):
-                    raise UserInputError(f"shard {url} does not exist")
                 for sample in TarReader(url):
                     if isinstance(sample, ReadProblem):
                         print(
@@ -155,7 +200,7 @@ def _batches(inputs: list[str], batch_size: int) -> Iterator[tuple[str, list[str
                         pending_keys, pending = [], []
             if pending:
                 yield "images", pending_keys, pending
-        elif path.is_dir() or path.is_file():
+        else:
             files = _image_files(path) if path.is_dir() else [path]
             if not files:
                 raise UserInputError(
@@ -163,16 +208,56 @@ def _batches(inputs: list[str], batch_size: int) -> Iterator[tuple[str, list[str
                 )
             for s in range(0, len(files), batch_size):
                 chunk = files[s : s + batch_size]
-                yield "images", [str(f) for f in chunk], [f.read_bytes() for f in chunk]
-        else:
-            raise UserInputError(
-                f"{item} does not exist (expected an image, a folder, shards, a store or .npy)"
-            )
+                yield "images", [str(f) for f in chunk], [_read(f) for f in chunk]
+
+
+def _read(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise UserInputError(f"{file}: cannot be read ({err.strerror})") from None
+
+
+def _checkpoint_record(classifier, clip_info: dict | None) -> dict:
+    """The provenance of the classifier's training features; for classifiers exported before
+    it was recorded, their CLIP from head_meta.json."""
+    record = dict(classifier.provenance)
+    for key in ("model", "pretrained"):
+        if record.get(key) is None and clip_info:
+            record[key] = clip_info.get(key)
+    if record.get("model") == UNKNOWN_CLIP:
+        record["model"] = record["pretrained"] = None
+    return record
+
+
+def _check_clip_options(record: dict, args: argparse.Namespace) -> None:
+    """--model/--pretrained may only restate the CLIP the checkpoint's features came from;
+    a recorded weights file that no longer exists (moved) may be named anew."""
+    weights = args.pretrained
+    if weights and os.path.isfile(weights):
+        weights = os.path.abspath(weights)  # as extraction records local weights
+    recorded = record.get("pretrained")
+    if recorded and os.path.isabs(recorded) and not os.path.exists(recorded):
+        weights = None
+    prov.check_same(
+        record,
+        {"model": args.model, "pretrained": weights},
+        "the checkpoint",
+        "--model/--pretrained",
+        fix="drop --model/--pretrained to encode with the CLIP the checkpoint was trained on",
+        fields=("model", "pretrained"),
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     from candle_dist.classifier import ExportedClassifier
+    from candle_dist.eval.cli import scoring_device
+    from candle_dist.train.outputs import check_output_file
 
+    for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserInputError(f"{option} {value}: give 1 or more")
+    output = check_output_file(args.output, "--output") if args.output else None
     final = Path(args.checkpoint)
     classifier_file = final / "classifier.pt"
     if not classifier_file.exists():
@@ -182,17 +267,22 @@ def main(args: argparse.Namespace) -> int:
         )
     try:
         classifier = ExportedClassifier.load(classifier_file)
-    except (ValueError, RuntimeError) as err:
+    except ValueError as err:
         raise UserInputError(str(err)) from None
     meta_file = final / "head_meta.json"
-    clip_info = json.loads(meta_file.read_text()).get("clip") if meta_file.exists() else None
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    try:
+        clip_info = json.loads(meta_file.read_text()).get("clip") if meta_file.exists() else None
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserInputError(
+            f"{meta_file} is damaged ({err}): restore it from the training run's final/"
+        ) from None
+    record = _checkpoint_record(classifier, clip_info)
+    _check_clip_options(record, args)
+    _check_inputs(args.inputs, record)
+    device = scoring_device(args.device)
     encode = _Encoder(clip_info, args, device)
-    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+    tmp = None if output is None else output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    out = sys.stdout if tmp is None else open(tmp, "w")  # noqa: SIM115
     try:
         for kind, keys, payload in _batches(args.inputs, args.batch_size):
             features = torch.as_tensor(payload) if kind == "features" else encode(payload, keys)
@@ -202,12 +292,16 @@ def main(args: argparse.Namespace) -> int:
                     f"expects {classifier.dim}: use the CLIP the head was trained with"
                 )
             for key, top in zip(keys, classifier.topk(features, args.top_k), strict=True):
-                record = {
+                record_line = {
                     "input": key,
                     "topk": [{"class": c, "score": round(s, 4)} for c, s in top],
                 }
-                out.write(json.dumps(record) + "\n")
-    finally:
-        if args.output:
+                out.write(json.dumps(record_line) + "\n")
+        if tmp is not None:
             out.close()
+            os.replace(tmp, output)
+    finally:
+        if tmp is not None:
+            out.close()
+            tmp.unlink(missing_ok=True)
     return 0

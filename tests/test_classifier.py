@@ -5,6 +5,7 @@ import torch
 
 from candle_dist.classifier import ExportedClassifier, export_classifier
 from candle_dist.model.head import CandleHead
+from candle_dist.provenance import provenance
 from tests.oracle import DenseCandleHead, dense_mask
 
 C, C_BASE, D = 9, 6, 16
@@ -60,3 +61,26 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not an exported candle_dist classifier"):
         ExportedClassifier.load(path)
+
+
+def test_provenance_is_stored_and_a_damaged_file_is_a_clear_error(tmp_path):
+    head = CandleHead(
+        text_features=torch.randn(C, D),
+        visual_prototypes=torch.randn(C_BASE, D),
+        logit_scale=2.0,
+        num_heads=4,
+    )
+    names = [f"c{i}" for i in range(C)]
+    record = provenance(names, model="ViT-B-16", pretrained="openai", templates=["{}"], dim=D)
+    path = tmp_path / "classifier.pt"
+    export_classifier(head, path, names, record)
+    assert ExportedClassifier.load(path).provenance == record  # loads with weights_only
+    export_classifier(head, path, names)  # no record (as before it was recorded): names, dim
+    assert ExportedClassifier.load(path).provenance == provenance(
+        names, model=None, pretrained=None, templates=None, dim=D
+    )
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"classifier\.pt cannot be loaded .* damaged; rerun"):
+        ExportedClassifier.load(path)
+    with pytest.raises(ValueError, match="does not exist: pass the final/ directory"):
+        ExportedClassifier.load(tmp_path / "missing.pt")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,9 +23,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from candle_dist.config import load_config
+from candle_dist.errors import UserInputError
 from candle_dist.eval.metrics import evaluate, to_json
 from candle_dist.eval.plots import plot_loss_curve, plot_per_class_accuracy, plot_shot_groups
 from candle_dist.train.data import TrainingData, eval_data_from_store, training_data_from_store
+from candle_dist.train.outputs import check_output_dir
 from candle_dist.train.trainer import fit
 
 COLUMNS = ("base", "new", "hm", "many", "medium", "few", "top1")
@@ -60,22 +63,52 @@ def linear_probe(train: TrainingData, epochs: int, seed: int) -> torch.Tensor:
     return F.normalize(weights.detach(), dim=-1)
 
 
+def check_arguments(args: argparse.Namespace) -> Path:
+    """Every number and path, before the tiny CLIP is built or any folder is made; returns the
+    output folder."""
+    for option, value, low in (
+        ("--classes", args.classes, 2),
+        ("--max-per-class", args.max_per_class, 1),
+        ("--val-per-class", args.val_per_class, 1),
+        ("--epochs", args.epochs, 1),
+        ("--new-classes", args.new_classes, 0),
+        ("--seed", args.seed, 0),
+    ):
+        if value < low:
+            raise UserInputError(f"{option} {value}: give a whole number >= {low}")
+    if args.clip_steps is not None and args.clip_steps < 1:
+        raise UserInputError(f"--clip-steps {args.clip_steps}: give a whole number >= 1")
+    if args.new_classes >= args.classes:
+        raise UserInputError(
+            f"--new-classes {args.new_classes}: leave base classes (fewer than --classes "
+            f"{args.classes})"
+        )
+    if not 0 < args.imbalance_ratio <= 1:
+        raise UserInputError(
+            f"--imbalance-ratio {args.imbalance_ratio}: give smallest/largest class, in (0, 1]"
+        )
+    if args.cache_dir:
+        check_output_dir(args.cache_dir, "--cache-dir")
+    return check_output_dir(args.output, "--output")
+
+
 def prepare_features(args: argparse.Namespace, output: Path) -> tuple[Path, Path]:
     """Shards and tiny-CLIP feature stores (each step resumes if interrupted)."""
-    from candle_dist.cli import main as cli
+    from candle_dist.data import make_shards
     from candle_dist.demo.tiny_clip import ensure_tiny_clip
     from candle_dist.features.extract import extract
 
     clip = ensure_tiny_clip(args.cache_dir, seed=args.seed, steps=args.clip_steps)
     shards = output / "shards"
     argv = [
-        "make-shards", "--synthetic", "--output", str(shards), "--seed", str(args.seed),
+        "--synthetic", "--output", str(shards), "--seed", str(args.seed),
         "--num-classes", str(args.classes), "--num-new", str(args.new_classes),
         "--max-per-class", str(args.max_per_class), "--imbalance-ratio", str(args.imbalance_ratio),
         "--val-per-class", str(args.val_per_class), "--samples-per-shard", "2000",
     ]  # fmt: skip
-    if cli(argv) != 0:
-        raise RuntimeError("make-shards failed")
+    parser = argparse.ArgumentParser(prog="candle-dist make-shards")
+    make_shards.add_arguments(parser)
+    make_shards.main(parser.parse_args(argv))  # its errors are the demo's
     stores = output / "features"
     for split in ("train", "val"):
         urls = [str(p) for p in sorted(shards.glob(f"{split}-*.tar"))]
@@ -85,7 +118,7 @@ def prepare_features(args: argparse.Namespace, output: Path) -> tuple[Path, Path
 
 
 def main(args: argparse.Namespace) -> int:
-    output = Path(args.output)
+    output = check_arguments(args)
     output.mkdir(parents=True, exist_ok=True)
     # Everything here is small (a 128-dim tiny CLIP, 100 classes): one thread per process is as
     # fast as two on an idle machine and much faster on a busy one (no spinning OpenMP threads).
@@ -101,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
     results["linear_probe_ce"] = evaluate(val_features @ probe.t(), val.labels, counts, num_base)
     curves = {}
     for name, loss in (("candle_ce", "cross_entropy"), ("candle_cla", "cla")):
+        shutil.rmtree(output / name, ignore_errors=True)  # a rerun trains the demo's runs anew
         cfg = load_config(
             None,
             [

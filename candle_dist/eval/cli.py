@@ -6,7 +6,9 @@ Example:
 --checkpoint is the `final/` directory a training run writes (head.pt, head_meta.json,
 classifier.pt). By default scores come from the head's test forward over batches of
 --batch-size images (as in training-time evaluation; fusion makes scores batch-dependent);
---exported uses the batch-independent exported classifier instead.
+--exported uses the batch-independent exported classifier instead. The store must hold the
+checkpoint's class list, extracted with its CLIP (compared before scoring). --output (default:
+eval/ beside the checkpoint) receives metrics.json (written last) and the plots.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from candle_dist import provenance as prov
 from candle_dist.errors import UserInputError
+from candle_dist.train.outputs import check_output_dir, staged_dir
+
+META_KEYS = ("classnames", "num_base_classes", "counts", "head_options")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,10 +82,29 @@ def load_trained_head(checkpoint: str | Path, device: torch.device | str = "cpu"
             )
     try:
         meta = json.loads(meta_file.read_text())
+        missing = [key for key in META_KEYS if key not in meta]
+        if missing:
+            raise ValueError(f"head_meta.json lacks {', '.join(missing)}")
         state = torch.load(head_file, map_location="cpu", weights_only=True)
         return CandleHead.from_state_dict(state, device=device, **meta["head_options"]), meta
-    except (KeyError, ValueError, RuntimeError) as err:
-        raise UserInputError(f"{final} is not a valid candle_dist checkpoint ({err})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserInputError(f"{final} is not a valid candle_dist checkpoint ({reason})") from None
+
+
+def checkpoint_provenance(meta: dict, dim: int) -> dict:
+    """What a checkpoint's training features were made from (checkpoints written before it was
+    recorded: their class list, dimension and CLIP)."""
+    if meta.get("provenance"):
+        return meta["provenance"]
+    clip = meta.get("clip") or {}
+    return prov.provenance(
+        meta["classnames"],
+        model=clip.get("model"),
+        pretrained=clip.get("pretrained"),
+        templates=None,
+        dim=dim,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,9 +114,19 @@ def main(args: argparse.Namespace) -> int:
     from candle_dist.train.data import eval_data_from_store
     from candle_dist.train.trainer import predict_scores
 
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size {args.batch_size}: give 1 or more images per batch")
+    output = check_output_dir(args.output or Path(args.checkpoint).parent / "eval", "--output")
     device = scoring_device(args.device)
     head, meta = load_trained_head(args.checkpoint, device)
     data = eval_data_from_store(args.features)
+    prov.check_same(
+        checkpoint_provenance(meta, head.dim),
+        data.provenance,
+        f"checkpoint {args.checkpoint}",
+        f"store {args.features}",
+        fix="evaluate on a store extracted with the checkpoint's class list and CLIP",
+    )
     dim = np.asarray(data.features[:1]).shape[-1]
     if len(data.labels) and dim != head.dim:
         raise UserInputError(
@@ -105,7 +140,10 @@ def main(args: argparse.Namespace) -> int:
         )
     classifier = None
     if args.exported:
-        classifier = ExportedClassifier.load(Path(args.checkpoint) / "classifier.pt", device)
+        try:
+            classifier = ExportedClassifier.load(Path(args.checkpoint) / "classifier.pt", device)
+        except ValueError as err:
+            raise UserInputError(str(err)) from None
     counts = np.asarray(meta["counts"])
     acc = MetricAccumulator(counts, meta["num_base_classes"])
     for start in tqdm(range(0, len(data.labels), args.batch_size), desc="eval"):
@@ -116,11 +154,10 @@ def main(args: argparse.Namespace) -> int:
         scores = classifier.scores(rows) if classifier else predict_scores(head, rows)
         acc.update(scores.cpu(), data.labels[start : start + args.batch_size])
     metrics = acc.compute()
-    output = Path(args.output or Path(args.checkpoint).parent / "eval")
-    output.mkdir(parents=True, exist_ok=True)
-    to_json(metrics, output / "metrics.json")
-    plot_per_class_accuracy(metrics["per_class"], counts, output / "per_class_accuracy.png")
-    plot_shot_groups({"candle": metrics}, output / "shot_groups.png")
+    with staged_dir(output, last="metrics.json") as staging:
+        to_json(metrics, staging / "metrics.json")
+        plot_per_class_accuracy(metrics["per_class"], counts, staging / "per_class_accuracy.png")
+        plot_shot_groups({"candle": metrics}, staging / "shot_groups.png")
     keys = ("top1", "top5", "base", "new", "hm", "many", "medium", "few")
     print("  ".join(f"{k} {'-' if metrics[k] is None else f'{metrics[k]:.4f}'}" for k in keys))
     print(f"wrote {output / 'metrics.json'}")

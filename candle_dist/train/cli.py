@@ -8,8 +8,9 @@ Example:
       -m candle_dist.cli train --config configs/inat2018.yaml --resume
 
 Overrides are dotted `section.key=value` pairs (see configs/*.yaml for the sections). With
---resume the run continues from the newest checkpoint in train.output (if any), with any number
-of ranks. On SIGUSR1/SIGTERM a checkpoint is written and the process exits with status 75.
+--resume the run continues from the newest complete checkpoint in train.output (if any), with
+any number of ranks; without it, train.output must not hold another run. On SIGUSR1, SIGTERM or
+Ctrl-C a checkpoint is written and the process exits with status 75.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def main(args: argparse.Namespace) -> int:
     from candle_dist.train.trainer import PREEMPTED_EXIT_CODE, Preempted, fit
 
     cfg = load_config(args.config, args.overrides)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserInputError(
+            f"--max-steps {args.max_steps}: give 1 or more steps (or leave it out)"
+        )
     if not cfg.data.train:
         raise UserInputError("data.train is empty: set it to a feature store directory")
     train = training_data_from_store(cfg.data.train)

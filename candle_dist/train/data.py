@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from candle_dist import provenance as prov
 from candle_dist.errors import UserInputError
 
 DEFAULT_LOGIT_SCALE = math.log(100.0)  # OpenAI CLIP's learned temperature, s = 100
@@ -34,6 +35,20 @@ class TrainingData:
     views: Any = None
     source: str = "memory"
     clip: dict[str, Any] | None = None  # the CLIP that made the features (model, pretrained, ...)
+    # what the features were made from (candle_dist.provenance); default: the class list, the
+    # text features' dimension and `clip`
+    provenance: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.provenance is None:
+            clip = self.clip or {}
+            self.provenance = prov.provenance(
+                self.classnames,
+                model=clip.get("model"),
+                pretrained=clip.get("pretrained"),
+                templates=None,
+                dim=int(self.text_features.shape[1]),
+            )
 
     @property
     def num_classes(self) -> int:
@@ -53,6 +68,7 @@ class EvalData:
     features: Any
     labels: np.ndarray
     source: str = "memory"
+    provenance: dict[str, Any] | None = None  # None: not recorded, not compared
 
 
 def training_data_from_synthetic(synthetic) -> tuple[TrainingData, EvalData]:
@@ -88,6 +104,7 @@ def training_data_from_store(path: str) -> TrainingData:
         views=store.views if store.num_views else None,
         source=str(path),
         clip={k: store.manifest.get(k) for k in CLIP_FIELDS},
+        provenance=store_provenance(store),
     )
 
 
@@ -95,11 +112,36 @@ def eval_data_from_store(path: str) -> EvalData:
     from candle_dist.features.store import FeatureStore
 
     store = FeatureStore(path)
-    return EvalData(store.features, np.asarray(store.labels, dtype=np.int64), str(path))
+    labels = np.asarray(store.labels, dtype=np.int64)
+    return EvalData(store.features, labels, str(path), store_provenance(store))
+
+
+def store_provenance(store) -> dict[str, Any]:
+    """The provenance a feature store recorded, else (stores written before it was recorded)
+    the one its class list and manifest give."""
+    recorded = getattr(store, "provenance", None)
+    if recorded:
+        return dict(recorded)
+    manifest = store.manifest
+    return prov.provenance(
+        store.classnames,
+        model=manifest.get("model"),
+        pretrained=manifest.get("pretrained"),
+        templates=manifest.get("templates"),
+        dim=manifest.get("dim"),
+    )
 
 
 def validate(train: TrainingData, val: EvalData | None = None, chunk: int = 65536) -> None:
     """Reject what would otherwise fail deep inside torch, or train on garbage silently."""
+    if val is not None and val.provenance is not None:
+        prov.check_same(
+            train.provenance,
+            val.provenance,
+            f"training store {train.source}",
+            f"validation store {val.source}",
+            fix="extract data.val with the class list (classnames.txt) and CLIP of data.train",
+        )
     num_classes, dim = train.text_features.shape
     if len(train.counts) != num_classes:
         raise UserInputError(

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from candle_dist import provenance as prov
 from candle_dist.classifier import export_classifier
 from candle_dist.config import Config
 from candle_dist.errors import UserInputError
@@ -41,14 +43,19 @@ from candle_dist.precision import resolve_precision
 from candle_dist.train import checkpoint as ckpt
 from candle_dist.train.data import EvalData, TrainingData, validate
 from candle_dist.train.optimizer import HeadSGD, build_optimizer, skip_deepspeed_shm_build
+from candle_dist.train.outputs import check_output_dir, staged_dir
 from candle_dist.train.prototypes import class_means
 from candle_dist.train.schedule import learning_rate
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on a signal, requeue and --resume
+INTERRUPT_NOTE = (  # on a line of its own after the progress bar's
+    "\ncandle-dist train: Ctrl-C: stopping after this step with a checkpoint (press Ctrl-C again "
+    "to stop at once, without one)\n"
+)
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint was written because SIGUSR1/SIGTERM arrived."""
+    """Raised after a checkpoint was written because SIGUSR1, SIGTERM or SIGINT arrived."""
 
 
 def make_accelerator(precision: str = "auto", dist_timeout_minutes: float = 60.0):
@@ -101,23 +108,43 @@ def build_head(cfg: Config, train: TrainingData, comm: ClassGroup, device=None) 
 
 
 class _StopFlag:
-    """Set by SIGUSR1/SIGTERM; agreed on across ranks at step boundaries, one step late.
+    """Set by SIGUSR1/SIGTERM/SIGINT; agreed on across ranks at step boundaries, one step late.
 
     Every step all-reduces (MAX) this rank's flag on the collective device and copies the vote
     to the host without waiting; the next step boundary reads it, by when the copy is long done.
     So a GPU never idles for a per-step host sync, and all ranks stop at the same step: one
     after the first step boundary that saw the signal on some rank.
+
+    Ctrl-C (SIGINT) stops like a preemption, with a checkpoint; pressed again it stops at once
+    (KeyboardInterrupt), leaving the checkpoints written so far. `release_interrupt` gives
+    SIGINT back its previous handler once the training loop is over.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.raised = False
+        self.signal_name: str | None = None  # the first signal this rank received
+        self._interrupts = 0
+        self._announce = announce
         self._vote: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self._previous_interrupt = signal.getsignal(signal.SIGINT)
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                self.release_interrupt()
+                raise KeyboardInterrupt
+            if self._announce:
+                os.write(2, INTERRUPT_NOTE.encode())
+        self.signal_name = self.signal_name or signal.Signals(signum).name
         self.raised = True
+
+    def release_interrupt(self) -> None:
+        previous = self._previous_interrupt
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
     def agreed(self, comm: ClassGroup) -> bool:
         """Whether some rank had seen a signal at the previous step boundary (the vote is
@@ -152,7 +179,16 @@ def fit(
     accelerator=None,
     max_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train the head per `cfg`, checkpointing as it goes; returns final metrics (if `val`)."""
+    """Train the head per `cfg`, checkpointing as it goes; returns final metrics (if `val`).
+
+    Everything a run could be refused for (config values, data, the output folder, the
+    checkpoint to resume from) is checked before the first step and before any file is written.
+    """
+    cfg.validate()
+    output = check_output_dir(cfg.train.output, "train.output")
+    ckpt_dir = output / "checkpoints"
+    if not resume:
+        _refuse_earlier_run(output, ckpt_dir)
     validate(train, val)
     accelerator = accelerator or make_accelerator(
         cfg.train.precision, cfg.train.dist_timeout_minutes
@@ -160,11 +196,6 @@ def fit(
     device = accelerator.device
     comm = ClassGroup(device=device)
     is_main = comm.rank == 0
-    output = Path(cfg.train.output)
-    ckpt_dir = output / "checkpoints"
-    if is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     head = build_head(cfg, train, comm, device)
     criterion = build_loss(cfg.loss.name, train.counts, **_loss_options(cfg)).to(device)
@@ -173,15 +204,34 @@ def fit(
     steps_per_epoch = math.ceil(num_samples / batch)
     total_steps = cfg.optim.epochs * steps_per_epoch
     step, momentum = 0, {}
-    if resume and (latest := ckpt.latest_checkpoint(ckpt_dir)) is not None:
-        trainer_state, momentum = ckpt.load_checkpoint(latest, head)
-        step = int(trainer_state.get("step", 0))
-        if is_main:
-            print(f"resumed from {latest} at step {step}", flush=True)
+    if resume:
+        checkpoint = _resume_point(ckpt_dir, comm)
+        if checkpoint is not None:
+            prov.check_same(
+                checkpoint.trainer_state.get("provenance") or {},
+                train.provenance,
+                f"checkpoint {checkpoint.path}",
+                f"training store {train.source}",
+                fix="resume with the data.train the run was started with, or start a new run "
+                "in another train.output",
+            )
+            ckpt.load_checkpoint(checkpoint, head)
+            step, momentum = checkpoint.step, checkpoint.momentum
+            if is_main:
+                print(f"resumed from {checkpoint.path} at step {step}", flush=True)
     optimizer, autocast = build_optimizer(head, cfg, accelerator)  # after loading: DeepSpeed copies
     optimizer.load_momentum(momentum)
+    if is_main:
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomically(output / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            _keep_log_until(output / "metrics.jsonl", step)
+        except OSError as err:
+            raise UserInputError(
+                f"train.output {output}: cannot write ({err}); choose a writable folder"
+            ) from None
 
-    stop = _StopFlag()
+    stop = _StopFlag(announce=is_main)
     log = open(output / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train")
     last_step = total_steps if max_steps is None else min(total_steps, step + max_steps)
@@ -226,12 +276,15 @@ def fit(
                 log.flush()
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             epoch_end = step % steps_per_epoch == 0
+            saved = None
             if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step:
-                _save(ckpt_dir, head, optimizer, step, epoch, cfg)
+                saved = _save(ckpt_dir, head, optimizer, step, epoch, cfg, train)
             if stop.agreed(comm):
-                if not (step % cfg.train.checkpoint_every == 0 or epoch_end):
-                    _save(ckpt_dir, head, optimizer, step, epoch, cfg)
-                raise Preempted(f"stopped by a signal at step {step}; resume with --resume")
+                saved = saved or _save(ckpt_dir, head, optimizer, step, epoch, cfg, train)
+                raise Preempted(
+                    f"stopped by {stop.signal_name or 'a signal to another rank'} at step "
+                    f"{step} (checkpoint {saved}); resume with --resume"
+                )
             if val is not None and cfg.train.eval_every_epoch and epoch_end:
                 # every rank: evaluation's collectives pair up only if all ranks run it
                 metrics = evaluate(head, val, train, cfg.train.eval_batch_size, device)
@@ -239,6 +292,7 @@ def fit(
                     log.write(json.dumps({"step": step, "epoch": epoch, "eval": metrics}) + "\n")
                     log.flush()
     finally:
+        stop.release_interrupt()
         progress.close()
         if log is not None:
             log.close()
@@ -247,6 +301,74 @@ def fit(
     if step >= total_steps:
         results.update(_finish(cfg, head, train, val, output, device))
     return results
+
+
+def _refuse_earlier_run(output: Path, ckpt_dir: Path) -> None:
+    """A fresh run must not write over another run's checkpoints (their pruning and `latest`
+    would mix the two runs) or leave its final/ beside them."""
+    earlier = [p for p in (ckpt_dir / "latest", output / "final") if p.exists()]
+    earlier += [path for _, path in ckpt.step_dirs(ckpt_dir)[-1:]]
+    if earlier:
+        raise UserInputError(
+            f"train.output {output} already holds a training run ({earlier[0]}): pass --resume "
+            "to continue it, or choose another train.output (or delete that folder) to start "
+            "over"
+        )
+
+
+def _resume_point(ckpt_dir: Path, comm: ClassGroup) -> ckpt.Checkpoint | None:
+    """The checkpoint every rank resumes from: rank 0 verifies and chooses (telling the user
+    what it skipped), the others load its choice. None: nothing to resume, a fresh start."""
+    found, problem = None, None
+    if comm.rank == 0:
+        try:
+            found = ckpt.find_resumable(ckpt_dir, _say)
+        except UserInputError as err:
+            problem = err
+        if found is None and problem is None:
+            _say(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0")
+    mine = -2 if problem else (found.step if found else -1)
+    vote = torch.tensor([mine if comm.rank == 0 else -3], dtype=torch.int64, device=comm.device)
+    chosen = int(comm.all_reduce(vote, "max")[0])
+    if problem is not None:
+        raise problem
+    if chosen == -2:
+        raise UserInputError(f"--resume: rank 0 found no usable checkpoint in {ckpt_dir}")
+    if chosen == -1 or found is not None:
+        return found
+    try:
+        return ckpt.read_checkpoint(ckpt_dir / f"step_{chosen:09d}")
+    except ckpt.DamagedCheckpoint as err:
+        raise UserInputError(
+            f"--resume: step_{chosen:09d} in {ckpt_dir} reads differently on rank {comm.rank} "
+            f"than on rank 0 ({err}): check the shared file system"
+        ) from None
+
+
+def _say(message: str) -> None:
+    print(f"candle-dist train: {message}", file=sys.stderr, flush=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    """Drop the metrics.jsonl records past `step` (atomically): a resumed run writes them
+    again, and a record cut short by a kill is no record."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    _write_atomically(path, "".join(kept))
 
 
 def train_step(
@@ -268,10 +390,13 @@ def train_step(
     return loss, parts
 
 
-def _save(ckpt_dir: Path, head, optimizer: HeadSGD, step: int, epoch: int, cfg: Config) -> None:
+def _save(
+    ckpt_dir: Path, head, optimizer: HeadSGD, step: int, epoch: int, cfg: Config, train
+) -> Path:
     state = {"step": step, "epoch": epoch, "world_size": head.comm.world_size}
     state["config"] = cfg.to_dict()
-    ckpt.save_checkpoint(ckpt_dir, head, optimizer.momentum(), state)
+    state["provenance"] = train.provenance
+    return ckpt.save_checkpoint(ckpt_dir, head, optimizer.momentum(), state)
 
 
 def _loss_options(cfg: Config) -> dict[str, float]:
@@ -364,32 +489,29 @@ def head_options(cfg: Config, logit_scale: float) -> dict[str, Any]:
 
 
 def _finish(cfg, head, train, val, output: Path, device) -> dict[str, Any]:
-    """Final export (head.pt, head_meta.json, classifier.pt) and evaluation."""
+    """Final export (head.pt, head_meta.json, classifier.pt) and evaluation. final/ is filled
+    under a temporary name and renamed when complete: it never looks finished when it is not."""
     results: dict[str, Any] = {}
     full = head.full_state_dict()
     if head.comm.rank == 0:
-        final = output / "final"
-        final.mkdir(parents=True, exist_ok=True)
-        tmp = final / "head.pt.tmp"
-        torch.save(full, tmp)
-        os.replace(tmp, final / "head.pt")
-        options = head_options(cfg, math.log(head.scale))
-        meta = {
-            "classnames": train.classnames,
-            "num_base_classes": train.num_base_classes,
-            "counts": [int(c) for c in train.counts],
-            "head_options": options,
-            "clip": train.clip,
-            "train_source": train.source,
-        }
-        tmp = final / "head_meta.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, final / "head_meta.json")
-        # on the accelerator: on the CPU this takes longer than NCCL's default timeout at 10^5
-        # classes, while the other ranks wait in the next collective
-        single = CandleHead.from_state_dict(full, device=device, **options)
-        export_classifier(single, final / "classifier.pt", train.classnames)
-        del single
+        with staged_dir(output / "final", replace=True) as final:
+            torch.save(full, final / "head.pt")
+            options = head_options(cfg, math.log(head.scale))
+            meta = {
+                "classnames": train.classnames,
+                "num_base_classes": train.num_base_classes,
+                "counts": [int(c) for c in train.counts],
+                "head_options": options,
+                "clip": train.clip,
+                "train_source": train.source,
+                "provenance": train.provenance,
+            }
+            (final / "head_meta.json").write_text(json.dumps(meta))
+            # on the accelerator: on the CPU this takes longer than NCCL's default timeout at
+            # 10^5 classes, while the other ranks wait in the next collective
+            single = CandleHead.from_state_dict(full, device=device, **options)
+            export_classifier(single, final / "classifier.pt", train.classnames, train.provenance)
+            del single
     if val is not None:
         metrics = evaluate(head, val, train, cfg.train.eval_batch_size, device)
         results["eval"] = metrics
