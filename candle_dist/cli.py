@@ -28,6 +28,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
 INTERRUPTED = "interrupted (Ctrl-C) before it finished; rerun the command (train: with --resume)"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default in its help line (a flag's
+    default, off, goes without saying)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flag = action.nargs == 0
+        if not action.option_strings or flag or "default" in text.lower():
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.default is None or action.default == argparse.SUPPRESS:
+            return f"{text} (default: not set)"
+        return f"{text} (default: %(default)s)"
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of `candle-dist NAME`."""
+    module = importlib.import_module(COMMANDS[name][0])
+    doc = (module.__doc__ or COMMANDS[name][1]).strip()
+    parser = argparse.ArgumentParser(
+        prog=f"candle-dist {name}", description=doc, formatter_class=_HelpFormatter
+    )
+    module.add_arguments(parser)
+    return parser
+
+
 def _top_level_parser() -> argparse.ArgumentParser:
     lines = [f"  {name:<14} {summary}" for name, (_, summary) in COMMANDS.items()]
     return argparse.ArgumentParser(
@@ -73,14 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    doc = (module.__doc__ or COMMANDS[name][1]).strip()
-    parser = argparse.ArgumentParser(
-        prog=f"candle-dist {name}",
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = subcommand_parser(name).parse_args(argv[1:])
     try:
         return int(module.main(args) or 0)
     except UserInputError as err:

@@ -43,8 +43,8 @@ UNKNOWN_CLIP = "arrays"  # what FeatureStore.from_arrays records for features of
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="images, folders, shards, stores or .npy")
     parser.add_argument("--checkpoint", required=True, help="a run's final/ directory")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=5, help="classes listed per input")
+    parser.add_argument("--batch-size", type=int, default=64, help="images encoded together")
     parser.add_argument("--output", help="JSON lines file (default: standard output)")
     parser.add_argument("--model", help="override the CLIP model name")
     parser.add_argument("--pretrained", help="override the CLIP weights (tag, path or none)")

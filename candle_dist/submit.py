@@ -220,10 +220,21 @@ def submit(args: argparse.Namespace) -> int:
     for item in args.slurm_arg:
         if "=" not in item:
             raise UserInputError(f"--slurm-arg {item!r}: give KEY=VALUE, e.g. constraint=a100")
+    minimum = {
+        "--extract-tasks": (args.extract_tasks, 1),
+        "--nodes": (args.nodes, 1),
+        "--gpus-per-node": (args.gpus_per_node, 1),
+        "--local-ranks": (args.local_ranks, 1),
+        "--cpus-per-gpu": (args.cpus_per_gpu, 1),
+        "--extract-time": (args.extract_time, 1),
+        "--train-time": (args.train_time, 1),
+        "--signal-delay": (args.signal_delay, 0),
+    }
+    for option, (value, least) in minimum.items():
+        if value < least:
+            raise UserInputError(f"{option} {value}: give a whole number >= {least}")
     if not args.local and not (shutil.which("sbatch") and shutil.which("srun")):
         raise UserInputError("sbatch/srun not found: not a SLURM login node; run with --local")
-    if args.extract_tasks < 1 or args.nodes < 1 or args.gpus_per_node < 1:
-        raise UserInputError("--extract-tasks, --nodes and --gpus-per-node must be >= 1")
     from candle_dist.data.shards import expand_urls
 
     folder = Path(args.folder or Path(cfg.train.output) / "submitit")

@@ -458,11 +458,26 @@ def test_train_publishes_no_final_when_the_export_fails(world, tmp_path, capsys,
         (["bench", "head", "--classes", "8", "--num-heads", "0"], "--num-heads must be at least"),
         (["bench", "head", "--classes", "8", "--seed", "-1"], "--seed must be at least 0"),
         (["bench", "head", "--classes", "-3"], "--classes must be at least 1"),
+        (["pretrain-tiny", "--seed", "-1"], "--seed -1: give a whole number >= 0"),
+        (["pretrain-tiny", "--steps", "0"], "--steps 0: give a whole number >= 1"),
+        (["submit", "--local", "--local-ranks", "0"], "--local-ranks 0: give a whole number >= 1"),
+        (["submit", "--extract-time", "-5"], "--extract-time -5: give a whole number >= 1"),
+        (["submit", "--signal-delay", "-1"], "--signal-delay -1: give a whole number >= 0"),
     ],
 )
 def test_other_subcommands_refuse_nonsensical_numbers(tmp_path, capsys, argv, message):
     if argv[0] == "demo":
         argv = [*argv, "--output", str(tmp_path / "demo")]
+    elif argv[0] == "pretrain-tiny":
+        argv = [*argv, "--cache-dir", str(tmp_path / "cache")]
+    elif argv[0] == "submit":
+        argv = [
+            *argv,
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--folder",
+            str(tmp_path / "logs"),
+        ]
     assert main(argv) == 2
     _one_error(capsys, argv[0], message)
     assert list(tmp_path.iterdir()) == []

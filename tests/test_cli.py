@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from candle_dist.cli import main
+from candle_dist.cli import COMMANDS, main, subcommand_parser
 from candle_dist.data.synthetic_features import make_synthetic_features
 from candle_dist.features.store import FeatureStore
 
@@ -164,3 +164,15 @@ def test_predict_bad_input_is_one_error_line(stores, tmp_path, inputs, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
     assert main(["predict", "--checkpoint", str(tmp_path), "x.npy"]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_option_has_help_text_and_says_its_default(name):
+    parser = subcommand_parser(name)
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{name} {action.option_strings[0]} has no help text"
+        if action.nargs != 0:
+            line = parser._get_formatter()._get_help_string(action)
+            assert "default" in line.lower() or "(required)" in line, (name, line)

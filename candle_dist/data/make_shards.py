@@ -663,7 +663,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="class-name lines are 'ID NAME' (ID = folder name, e.g. an ImageNet wnid)",
     )
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=1000, help="samples per tar (and per feature file)"
+    )
     parser.add_argument(
         "--max-shard-bytes", type=_parse_bytes, default=10**9, help="e.g. 500M (default 1G)"
     )

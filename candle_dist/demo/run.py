@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-classes", type=int, default=20, help="classes without images")
     parser.add_argument("--max-per-class", type=int, default=300, help="largest class's images")
     parser.add_argument("--imbalance-ratio", type=float, default=0.01, help="smallest/largest")
-    parser.add_argument("--val-per-class", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-per-class", type=int, default=20, help="validation images per class")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of each head")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the runs")
     parser.add_argument("--cache-dir", help="where the tiny CLIP is cached (default: user cache)")
     parser.add_argument("--clip-steps", type=int, default=None, help="tiny CLIP training steps")
 

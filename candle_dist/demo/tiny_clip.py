@@ -338,6 +338,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        raise UserInputError(f"--seed {args.seed}: give a whole number >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise UserInputError(f"--steps {args.steps}: give a whole number >= 1")
     path = ensure_tiny_clip(args.cache_dir, seed=args.seed, steps=args.steps, force=args.force)
     report = json.loads(path.with_suffix(".json").read_text())
     print(f"tiny CLIP checkpoint: {path}")

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run's final/ directory")
     parser.add_argument("--features", required=True, help="feature store directory to evaluate")
     parser.add_argument("--output", help="where to write metrics.json and plots")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument(
+        "--batch-size", type=int, default=1024, help="images scored together (fusion sees a batch)"
+    )
     parser.add_argument("--exported", action="store_true", help="use the exported classifier")
     parser.add_argument(
         "--device",

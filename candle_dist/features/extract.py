@@ -800,7 +800,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, help="loader processes per rank (default: by device)"
     )
     parser.add_argument("--strict", action="store_true", help="stop at the first bad sample")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: this rank's GPU (local rank) if CUDA is available, else the CPU",
+    )
     parser.add_argument(
         "--precision",
         default="auto",
