@@ -91,6 +91,9 @@ class TrainConfig:
     log_every: int = 20
     eval_batch_size: int = 1024
     eval_every_epoch: bool = False  # evaluate after every epoch (else only at the end)
+    # how an epoch draws samples: uniform (each once), square_root or class_balanced (classes
+    # drawn in proportion to n_c^0.5 or equally; candle_dist/train/sampler.py)
+    sampler: str = "uniform"
     # auto (bf16 autocast on GPUs with native bf16, else fp32), bf16, fp32: README "GPUs and
     # precision"
     precision: str = "auto"
@@ -170,6 +173,7 @@ def _choices(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
     from candle_dist.model.head import VIRTUAL_INITS
     from candle_dist.model.losses import LOSSES
     from candle_dist.precision import PRECISIONS
+    from candle_dist.train.sampler import SAMPLERS
 
     return [
         ("clip.precision", cfg.clip.precision, PRECISIONS),
@@ -177,6 +181,7 @@ def _choices(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
         ("head.virtual_init", cfg.head.virtual_init, VIRTUAL_INITS),
         ("loss.name", cfg.loss.name, tuple(LOSSES)),
         ("train.precision", cfg.train.precision, PRECISIONS),
+        ("train.sampler", cfg.train.sampler, tuple(SAMPLERS)),
     ]
 
 

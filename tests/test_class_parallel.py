@@ -195,6 +195,8 @@ FIT_OVERRIDES = [
     "train.log_every=1",
     "train.eval_batch_size=5",
     "train.eval_every_epoch=true",  # collectives in mid-run evaluation must pair up on every rank
+    # draws with replacement: the same global batches for any rank count, resumed mid-epoch
+    "train.sampler=class_balanced",
 ]
 TOTAL_STEPS, RESUME_AT = 8, 3
 

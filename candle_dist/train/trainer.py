@@ -45,6 +45,7 @@ from candle_dist.train.data import EvalData, TrainingData, validate
 from candle_dist.train.optimizer import HeadSGD, build_optimizer, skip_deepspeed_shm_build
 from candle_dist.train.outputs import check_output_dir, staged_dir
 from candle_dist.train.prototypes import class_means
+from candle_dist.train.sampler import epoch_indices
 from candle_dist.train.schedule import learning_rate
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on a signal, requeue and --resume
@@ -239,7 +240,7 @@ def fit(
     try:
         while step < last_step:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = _epoch_order(cfg.train.seed, epoch, num_samples)
+            order = epoch_indices(cfg.train.sampler, cfg.train.seed, epoch, train.labels)
             view_ids = _epoch_views(cfg.train.seed, epoch, num_samples, train.num_views)
             indices = order[in_epoch * batch : (in_epoch + 1) * batch]
             shares = Partition(len(indices), comm.world_size)
@@ -429,10 +430,6 @@ def sample_classes(
     keep[batch_labels] = True
     start, stop = class_range
     return torch.as_tensor(np.flatnonzero(keep[start:stop]) + start, dtype=torch.long)
-
-
-def _epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
 def _epoch_views(seed: int, epoch: int, num_samples: int, num_views: int) -> np.ndarray | None:
