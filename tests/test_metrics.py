@@ -1,4 +1,5 @@
-"""Long-tailed metrics against hand-computed examples; chunked = one-shot; JSON; plots render."""
+"""Long-tailed metrics against hand-computed examples and dense references; chunked = one-shot;
+O(C) state; JSON; plots render."""
 
 import json
 import math
@@ -142,7 +143,9 @@ def test_chunked_accumulation_equals_one_shot():
             accumulator.update(scores[chunk].numpy(), labels[chunk].numpy())
         else:
             accumulator.update(scores[chunk], labels[chunk])
-    assert accumulator.compute() == whole
+    chunked = accumulator.compute()
+    assert chunked.pop("eval_loss") == pytest.approx(whole.pop("eval_loss"), rel=1e-12)
+    assert chunked == whole
     # and one-shot agrees with the simple per-function definitions
     assert whole["top1"] == topk_accuracy(scores, labels, ks=(1,))["top1"]
     per_class = per_class_accuracy(scores.argmax(1), labels, num_classes)
@@ -164,6 +167,165 @@ def test_empty_chunks_change_nothing():
     accumulator.update(SCORES, LABELS)
     accumulator.update(SCORES[:0], LABELS[:0])
     assert accumulator.compute() == evaluate(SCORES, LABELS, COUNTS, 3)
+
+
+def _long_tailed_case(seed: int = 0, num_rows: int = 600):
+    """Scores [N, 60] and labels with a long-tailed label distribution: 50 base classes with
+    300 .. 6 training images, 10 new; classes 45..49, 55..59 and some rare others have no
+    validation samples; classes 3 and 12 are never predicted (they have samples at seed 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_classes, num_base = 60, 50
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    counts[:num_base] = (300 * 0.02 ** (torch.arange(num_base) / (num_base - 1))).long().clamp(1)
+    prior = 1.0 / (torch.arange(num_classes) + 1.0) ** 1.1
+    prior[45:50] = prior[55:] = 0
+    labels = torch.multinomial(prior, num_rows, replacement=True, generator=gen)
+    onehot = torch.nn.functional.one_hot(labels, num_classes)
+    scores = 3 * torch.randn(num_rows, num_classes, generator=gen) + 4.0 * onehot
+    scores = scores + 0.05 * counts.clamp(max=40)  # head classes take some tail samples
+    scores[:, [3, 12]] = -30.0
+    return scores, labels, counts, num_base
+
+
+def _dense_reference(scores, labels, num_classes):
+    """Metrics by their textbook definitions from a dense confusion matrix (small C only);
+    macro means as sklearn's average="macro", labels=present classes, zero_division=0."""
+    y, pred = labels.numpy(), scores.argmax(1).numpy()
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    tp, support, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    precision = np.array([tp[c] / predicted[c] if predicted[c] else 0.0 for c in range(len(tp))])
+    recall = np.array([tp[c] / support[c] if support[c] else 0.0 for c in range(len(tp))])
+    f1 = np.array(
+        [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall, strict=True)]
+    )
+    present = np.unique(y)
+    mistakes = confusion - np.diag(tp)
+    pairs = sorted(
+        ((int(mistakes[t, p]), t, p) for t, p in zip(*np.nonzero(mistakes), strict=True)),
+        key=lambda item: (-item[0], item[1], item[2]),
+    )
+    log_probs = torch.log_softmax(scores.double(), dim=1)
+    return {
+        "tp": tp,
+        "support": support,
+        "predicted": predicted,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "balanced_accuracy": recall[present].mean(),
+        "macro_precision": precision[present].mean(),
+        "macro_recall": recall[present].mean(),
+        "macro_f1": f1[present].mean(),
+        "eval_loss": -log_probs[torch.arange(len(labels)), labels].mean().item(),
+        "pairs": [{"true": t, "predicted": p, "count": n} for n, t, p in pairs],
+    }
+
+
+def test_macro_metrics_loss_and_pairs_match_a_dense_reference():
+    scores, labels, counts, num_base = _long_tailed_case()
+    names = [f"class {c}" for c in range(len(counts))]
+    metrics = evaluate(scores, labels, counts, num_base, classnames=names)
+    ref = _dense_reference(scores, labels, len(counts))
+    # the case covers what the conventions are about
+    assert (ref["support"] == 0).sum() >= 10 and ref["predicted"][[3, 12]].tolist() == [0, 0]
+    assert ref["support"][[3, 12]].min() > 0 and (ref["predicted"][ref["support"] == 0] > 0).any()
+    for key in ("balanced_accuracy", "macro_precision", "macro_recall", "macro_f1"):
+        assert metrics[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert 0 < metrics["macro_f1"] < metrics["balanced_accuracy"] < metrics["top1"] < 1
+    assert metrics["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6)
+    assert [
+        {k: p[k] for k in ("true", "predicted", "count")} for p in metrics["confused_pairs"]
+    ] == (ref["pairs"][:20])
+    assert all(
+        (p["true_name"], p["predicted_name"]) == (names[p["true"]], names[p["predicted"]])
+        for p in metrics["confused_pairs"]
+    )
+    detail = metrics["per_class_detail"]
+    assert [d["name"] for d in detail] == names and [d["id"] for d in detail] == list(range(60))
+    assert [d["train_count"] for d in detail] == counts.tolist()
+    for key, ref_key in (("support", "support"), ("predicted", "predicted"), ("correct", "tp")):
+        assert [d[key] for d in detail] == ref[ref_key].tolist(), key
+    for c, d in enumerate(detail):
+        assert d["recall"] == (pytest.approx(ref["recall"][c]) if ref["support"][c] else None)
+        if ref["support"][c] or ref["predicted"][c]:
+            assert d["precision"] == pytest.approx(ref["precision"][c])
+            assert d["f1"] == pytest.approx(ref["f1"][c])
+        else:
+            assert d["precision"] is None and d["f1"] is None
+    assert metrics["per_class"] == [d["recall"] for d in detail]
+
+
+def test_long_tailed_chunks_equal_one_shot():
+    scores, labels, counts, num_base = _long_tailed_case(seed=1, num_rows=500)
+    names = [f"c{c}" for c in range(len(counts))]
+    whole = evaluate(scores, labels, counts, num_base, classnames=names)
+    accumulator = MetricAccumulator(counts, num_base, classnames=names)
+    for chunk in torch.arange(len(labels)).split(37):
+        accumulator.update(scores[chunk], labels[chunk])
+    chunked = accumulator.compute()
+    assert chunked.pop("eval_loss") == pytest.approx(whole.pop("eval_loss"), rel=1e-12)
+    assert chunked == whole
+
+
+def test_confused_pairs_by_hand():
+    # (true -> predicted): 0->1 twice, 0 right once, 1->0 twice, 2->1 twice, 2->0 once, 2 right.
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    predictions = torch.tensor([1, 1, 0, 0, 0, 1, 1, 0, 2])
+    scores = torch.nn.functional.one_hot(predictions, 4).float()
+    counts = [150, 50, 5, 0]
+    metrics = evaluate(scores, labels, counts, 3, classnames=["ant", "bee", "cat", "dog"])
+    assert metrics["confused_pairs"] == [
+        {"true": 0, "predicted": 1, "count": 2, "true_name": "ant", "predicted_name": "bee"},
+        {"true": 1, "predicted": 0, "count": 2, "true_name": "bee", "predicted_name": "ant"},
+        {"true": 2, "predicted": 1, "count": 2, "true_name": "cat", "predicted_name": "bee"},
+        {"true": 2, "predicted": 0, "count": 1, "true_name": "cat", "predicted_name": "ant"},
+    ]
+    # precision: ant 1/4, bee 0/4, cat 1/1; recall: 1/3, 0, 1/4; dog has no samples
+    assert metrics["macro_precision"] == pytest.approx((1 / 4 + 0 + 1) / 3)
+    assert metrics["balanced_accuracy"] == metrics["macro_recall"] == pytest.approx(7 / 36)
+    assert metrics["macro_f1"] == pytest.approx((2 / 7 + 0 + 2 / 5) / 3)
+    top2 = evaluate(scores, labels, counts, 3, num_confused_pairs=2)["confused_pairs"]
+    assert top2 == [
+        {"true": 0, "predicted": 1, "count": 2},
+        {"true": 1, "predicted": 0, "count": 2},
+    ]
+    assert evaluate(scores[[2, 8]], labels[[2, 8]], counts, 3)["confused_pairs"] == []
+
+
+def test_eval_loss_only_for_logits_and_detail_only_with_names():
+    metrics = evaluate(SCORES, LABELS, COUNTS, 3)
+    expected = torch.nn.functional.cross_entropy(SCORES.double(), LABELS).item()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-6)
+    assert "per_class_detail" not in metrics
+    assert evaluate(SCORES, LABELS, COUNTS, 3, scores_are_logits=False)["eval_loss"] is None
+    empty = evaluate(SCORES[:0], LABELS[:0], COUNTS, 3)
+    assert empty["eval_loss"] is None and empty["balanced_accuracy"] is None
+    assert empty["macro_f1"] is None and empty["confused_pairs"] == []
+
+
+def test_accumulator_state_is_linear_in_classes_and_samples():
+    num_classes, num_rows = 20_000, 3 * 64
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    counts[:15_000] = torch.randint(1, 500, (15_000,), generator=torch.Generator().manual_seed(2))
+    accumulator = MetricAccumulator(
+        counts, 15_000, classnames=[f"c{c}" for c in range(num_classes)]
+    )
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        accumulator.update(
+            torch.randn(64, num_classes, generator=gen),
+            torch.randint(0, num_classes, (64,), generator=gen),
+        )
+    sizes = {}
+    for name, value in vars(accumulator).items():
+        if isinstance(value, torch.Tensor | np.ndarray):
+            sizes[name] = value.size if isinstance(value, np.ndarray) else value.numel()
+        elif isinstance(value, dict | list | tuple):
+            sizes[name] = len(value)
+    assert sizes["_confusions"] <= num_rows  # one entry per mistake at most
+    assert max(sizes.values()) <= num_classes, sizes
+    assert len(accumulator.compute()["confused_pairs"]) == 20
 
 
 def test_a_million_classes_in_chunks():
@@ -195,6 +357,8 @@ def test_a_million_classes_in_chunks():
         (lambda: evaluate(SCORES, LABELS, COUNTS, 5), "num_base_classes"),
         (lambda: evaluate(SCORES, LABELS, [150, -1, 5, 0], 3), "negative count"),
         (lambda: topk_accuracy(SCORES, LABELS, ks=(0,)), "ks"),
+        (lambda: evaluate(SCORES, LABELS, COUNTS, 3, classnames=["a", "b"]), "2 names"),
+        (lambda: evaluate(SCORES, LABELS, COUNTS, 3, num_confused_pairs=-1), "num_confused"),
     ],
 )
 def test_bad_input_names_the_problem(call, match):

@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UserInputError(str(err)) from None
     counts = np.asarray(meta["counts"])
-    acc = MetricAccumulator(counts, meta["num_base_classes"])
+    acc = MetricAccumulator(counts, meta["num_base_classes"], classnames=meta["classnames"])
     for start in tqdm(range(0, len(data.labels), args.batch_size), desc="eval"):
         rows = torch.as_tensor(
             np.asarray(data.features[start : start + args.batch_size], dtype=np.float32)
@@ -160,7 +160,14 @@ def main(args: argparse.Namespace) -> int:
         to_json(metrics, staging / "metrics.json")
         plot_per_class_accuracy(metrics["per_class"], counts, staging / "per_class_accuracy.png")
         plot_shot_groups({"candle": metrics}, staging / "shot_groups.png")
-    keys = ("top1", "top5", "base", "new", "hm", "many", "medium", "few")
-    print("  ".join(f"{k} {'-' if metrics[k] is None else f'{metrics[k]:.4f}'}" for k in keys))
+    for keys in (
+        ("top1", "top5", "base", "new", "hm", "many", "medium", "few"),
+        ("balanced_accuracy", "macro_f1", "eval_loss"),
+    ):
+        print("  ".join(f"{k} {'-' if metrics[k] is None else f'{metrics[k]:.4f}'}" for k in keys))
+    if metrics["confused_pairs"]:
+        print("most confused (true -> predicted: images):")
+        for pair in metrics["confused_pairs"][:5]:
+            print(f"  {pair['true_name']} -> {pair['predicted_name']}: {pair['count']}")
     print(f"wrote {output / 'metrics.json'}")
     return 0

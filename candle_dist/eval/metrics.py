@@ -16,14 +16,26 @@ Conventions (DESIGN.md §2):
   only; new accuracy: samples of new classes, argmax over new columns only; hm = 2bn/(b+n),
   0 when either is 0; "all": every sample, argmax over all columns (equal to top1, under
   the base-to-new protocol's name);
+- balanced accuracy: mean per-class recall over the classes that have validation samples;
+  macro precision / recall / F1 average the per-class values over the same classes (sklearn's
+  `average="macro"` with `labels` = the classes present in y_true, `zero_division=0`): a class
+  never predicted has precision 0, per-class F1 = 2 TP / (predicted + support) (the harmonic
+  mean of its precision and recall, 0 when both are 0), and macro F1 averages the per-class F1
+  (not the F1 of macro precision and recall); macro recall equals balanced accuracy;
+- eval_loss: mean cross-entropy `logsumexp(scores) - scores[label]` when the scores are logits
+  (None otherwise); inf when a label's score is -inf;
+- confused pairs: the (true, predicted) pairs of top-1 mistakes, most frequent first, ties
+  by lower true then predicted id;
 - a metric over no samples is None (JSON null), never NaN.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +49,7 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence
 
 MANY_SHOT_MIN = 101  # many-shot: more than 100 training images
 FEW_SHOT_MAX = 19  # few-shot: fewer than 20 training images
+NUM_CONFUSED_PAIRS = 20
 
 
 def _tensor(x: ArrayLike, name: str) -> torch.Tensor:
@@ -113,6 +126,24 @@ def _counts(train_counts: ArrayLike) -> torch.Tensor:
     return counts
 
 
+def _classnames(classnames: Sequence[str] | None, num_classes: int) -> list[str] | None:
+    """The class names as a list of C strings (or None), so results can be read by name."""
+    if classnames is None:
+        return None
+    names = [str(name) for name in classnames]
+    if len(names) != num_classes:
+        raise UserInputError(
+            f"classnames: {len(names)} names but train_counts has {num_classes} classes; "
+            "give one name per class, base then new"
+        )
+    return names
+
+
+def _mean_over(values: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean of `values` where `mask` holds, None when it holds nowhere."""
+    return float(values[mask].mean()) if bool(mask.any()) else None
+
+
 def _ratio(numerator: int | torch.Tensor, denominator: int | torch.Tensor) -> float | None:
     """numerator / denominator as a float, None when there is nothing to average over."""
     denominator = int(denominator)
@@ -183,8 +214,15 @@ def shot_groups(train_counts: ArrayLike) -> dict[str, np.ndarray]:
 class MetricAccumulator:
     """All of `evaluate`'s metrics, fed row chunks of the score matrix one at a time.
 
-    State is three per-class counters and the top-k hit counts, so the chunks may come from
-    any number of batches; `compute()` equals `evaluate` on the concatenated chunks.
+    State is four per-class counters, the top-k hit counts, a loss sum and a count per
+    (true, predicted) pair of the mistakes (at most one entry per sample, never C x C), so the
+    chunks may come from any number of batches; `compute()` equals `evaluate` on the
+    concatenated chunks (eval_loss up to float64 rounding of its sum).
+
+    `scores_are_logits=False` (e.g. cosine similarities or probabilities) reports eval_loss as
+    None, since cross-entropy of such scores means nothing. With `classnames`, confused pairs
+    carry names and "per_class_detail" lists every class's counts, precision, recall and F1;
+    without them that list is left out, which keeps the per-epoch training log small.
 
         acc = MetricAccumulator(train_counts, num_base_classes=c_base)
         for features, labels in val_loader:
@@ -193,7 +231,14 @@ class MetricAccumulator:
     """
 
     def __init__(
-        self, train_counts: ArrayLike, num_base_classes: int, ks: Sequence[int] = (1, 5)
+        self,
+        train_counts: ArrayLike,
+        num_base_classes: int,
+        ks: Sequence[int] = (1, 5),
+        *,
+        classnames: Sequence[str] | None = None,
+        scores_are_logits: bool = True,
+        num_confused_pairs: int = NUM_CONFUSED_PAIRS,
     ) -> None:
         self.train_counts = _counts(train_counts)
         self.num_classes = int(self.train_counts.numel())
@@ -201,10 +246,18 @@ class MetricAccumulator:
         self.ks = tuple(int(k) for k in ks)
         _check_split(self.train_counts, self.num_base_classes)
         _check_ks(self.ks)
+        self.classnames = _classnames(classnames, self.num_classes)
+        self.scores_are_logits = bool(scores_are_logits)
+        if num_confused_pairs < 0:
+            raise UserInputError(f"num_confused_pairs: must be >= 0, got {num_confused_pairs}")
+        self.num_confused_pairs = int(num_confused_pairs)
         self._samples = torch.zeros(self.num_classes, dtype=torch.long)
         self._correct = torch.zeros(self.num_classes, dtype=torch.long)
         self._correct_own_split = torch.zeros(self.num_classes, dtype=torch.long)
+        self._predicted = torch.zeros(self.num_classes, dtype=torch.long)
         self._topk_hits = dict.fromkeys(self.ks, 0)
+        self._loss_sum = 0.0
+        self._confusions: Counter[int] = Counter()  # true * C + predicted -> mistakes
 
     def update(self, scores: ArrayLike, labels: ArrayLike) -> None:
         """Add one chunk: scores [n, C] over all classes and their labels [n]."""
@@ -223,6 +276,18 @@ class MetricAccumulator:
         correct = predictions == labels_t
         self._samples += torch.bincount(labels_t, minlength=c).cpu()
         self._correct += torch.bincount(labels_t[correct], minlength=c).cpu()
+        self._predicted += torch.bincount(predictions, minlength=c).cpu()
+        wrong = ~correct
+        if bool(wrong.any()):
+            pairs, counts = torch.unique(
+                labels_t[wrong] * c + predictions[wrong], return_counts=True
+            )
+            self._confusions.update(dict(zip(pairs.tolist(), counts.tolist(), strict=True)))
+        if self.scores_are_logits and labels_t.numel():
+            # float32 at least (bf16 logsumexp is too coarse), never a float64 copy of the chunk
+            logits = scores_t.to(torch.promote_types(scores_t.dtype, torch.float32))
+            losses = logits.logsumexp(dim=1) - logits.gather(1, labels_t[:, None]).squeeze(1)
+            self._loss_sum += float(losses.double().sum())
         for k, hits in _topk_hits(scores_t, labels_t, predictions, self.ks).items():
             self._topk_hits[k] += hits
 
@@ -273,7 +338,69 @@ class MetricAccumulator:
             "base": b,
             "new": self.num_classes - b,
         }
+        metrics.update(self._macro_metrics())
+        metrics["eval_loss"] = self._loss_sum / total if self.scores_are_logits and total else None
+        metrics["confused_pairs"] = self._confused_pairs()
+        if self.classnames is not None:
+            metrics["per_class_detail"] = self._per_class_detail(self.classnames)
         return metrics
+
+    def _macro_metrics(self) -> dict[str, float | None]:
+        """Balanced accuracy and macro precision / recall / F1 over classes with support."""
+        support, hits, predicted = self._samples, self._correct.double(), self._predicted
+        present = support > 0
+        recall = _mean_over(hits / support.clamp(min=1), present)
+        return {
+            "balanced_accuracy": recall,
+            "macro_precision": _mean_over(hits / predicted.clamp(min=1), present),
+            "macro_recall": recall,
+            "macro_f1": _mean_over(2 * hits / (predicted + support).clamp(min=1), present),
+        }
+
+    def _confused_pairs(self) -> list[dict[str, Any]]:
+        """The most frequent mistakes as {"true", "predicted", "count"} (+ names)."""
+        c, names = self.num_classes, self.classnames
+        top = heapq.nsmallest(
+            self.num_confused_pairs, self._confusions.items(), key=lambda item: (-item[1], item[0])
+        )
+        pairs = []
+        for pair, count in top:
+            true, predicted = divmod(pair, c)
+            entry: dict[str, Any] = {"true": true, "predicted": predicted, "count": count}
+            if names is not None:
+                entry.update(true_name=names[true], predicted_name=names[predicted])
+            pairs.append(entry)
+        return pairs
+
+    def _per_class_detail(self, names: list[str]) -> list[dict[str, Any]]:
+        """Every class by id and name: counts and the per-class values the macro means average
+        (None where a value is undefined: recall without support, precision and F1 of a class
+        neither present nor predicted)."""
+        rows = zip(
+            names,
+            self.train_counts.tolist(),
+            self._samples.tolist(),
+            self._predicted.tolist(),
+            self._correct.tolist(),
+            strict=True,
+        )
+        detail = []
+        for i, (name, train_count, support, predicted, hits) in enumerate(rows):
+            seen = support + predicted > 0
+            detail.append(
+                {
+                    "id": i,
+                    "name": name,
+                    "train_count": train_count,
+                    "support": support,
+                    "predicted": predicted,
+                    "correct": hits,
+                    "precision": hits / predicted if predicted else (0.0 if seen else None),
+                    "recall": hits / support if support else None,
+                    "f1": 2 * hits / (support + predicted) if seen else None,
+                }
+            )
+        return detail
 
 
 def _check_split(counts: torch.Tensor, num_base_classes: int) -> None:
@@ -306,9 +433,20 @@ def evaluate(
     train_counts: ArrayLike,
     num_base_classes: int,
     ks: Sequence[int] = (1, 5),
+    *,
+    classnames: Sequence[str] | None = None,
+    scores_are_logits: bool = True,
+    num_confused_pairs: int = NUM_CONFUSED_PAIRS,
 ) -> dict[str, Any]:
     """All metrics of one score matrix [N, C] at once (see the module docstring)."""
-    accumulator = MetricAccumulator(train_counts, num_base_classes, ks)
+    accumulator = MetricAccumulator(
+        train_counts,
+        num_base_classes,
+        ks,
+        classnames=classnames,
+        scores_are_logits=scores_are_logits,
+        num_confused_pairs=num_confused_pairs,
+    )
     accumulator.update(scores, labels)
     return accumulator.compute()
 
