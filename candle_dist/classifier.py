@@ -168,3 +168,8 @@ class ExportedClassifier:
             [(self.classnames[i], float(v)) for v, i in zip(vals, idx, strict=True)]
             for vals, idx in zip(values.tolist(), indices.tolist(), strict=True)
         ]
+
+
+def load(path: str | os.PathLike, device: str = "cpu") -> ExportedClassifier:
+    """The exported classifier at `path` (a run's final/classifier.pt), on `device`."""
+    return ExportedClassifier.load(path, device)

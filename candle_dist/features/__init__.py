@@ -1,10 +1,13 @@
 """Features: frozen-CLIP extraction, the feature store, text prompts."""
 
+from __future__ import annotations
 
-def __getattr__(name: str):
-    # Lazy, so `import candle_dist.features.x` does not pull in numpy-heavy store code.
-    if name == "FeatureStore":
-        from candle_dist.features.store import FeatureStore
+from candle_dist.exports import lazy_exports
 
-        return FeatureStore
-    raise AttributeError(name)
+_EXPORTS = {
+    "FeatureStore": "candle_dist.features.store",
+    "encode_classnames": "candle_dist.features.prompts",
+    "extract": "candle_dist.features.extract",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,1 +1,21 @@
 """Model: the Candle head and its losses."""
+
+from __future__ import annotations
+
+from candle_dist.exports import lazy_exports
+
+_EXPORTS = {
+    "AdjustedCrossEntropy": "candle_dist.model.losses",
+    "BalancedSoftmaxLoss": "candle_dist.model.losses",
+    "CandleHead": "candle_dist.model.head",
+    "ClassBalancedLoss": "candle_dist.model.losses",
+    "CompensatingLogitAdjustedLoss": "candle_dist.model.losses",
+    "CrossEntropyLoss": "candle_dist.model.losses",
+    "FocalLoss": "candle_dist.model.losses",
+    "Fusion": "candle_dist.model.fusion",
+    "LOSSES": "candle_dist.model.losses",
+    "LogitAdjustedLoss": "candle_dist.model.losses",
+    "build_loss": "candle_dist.model.losses",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
