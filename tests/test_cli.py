@@ -176,3 +176,16 @@ def test_every_option_has_help_text_and_says_its_default(name):
         if action.nargs != 0:
             line = parser._get_formatter()._get_help_string(action)
             assert "default" in line.lower() or "(required)" in line, (name, line)
+
+
+def test_train_summary_says_where_the_result_went_or_how_far_it_got():
+    from candle_dist.train.cli import summary
+
+    metrics = {k: 0.5 for k in ("top1", "base", "new", "hm", "medium", "few")} | {"many": None}
+    done = summary({"steps": 8, "total_steps": 8, "eval": metrics, "final": "runs/x/final"})
+    assert done.splitlines() == [
+        "top1 0.5000  base 0.5000  new 0.5000  hm 0.5000  many -  medium 0.5000  few 0.5000",
+        "wrote runs/x/final (head.pt, head_meta.json, classifier.pt)",
+    ]
+    partial = summary({"steps": 3, "total_steps": 8})
+    assert partial == "stopped at step 3 of 8 (--max-steps); continue with --resume"

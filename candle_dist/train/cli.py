@@ -50,14 +50,29 @@ def main(args: argparse.Namespace) -> int:
         print(f"candle-dist train: {stop}", file=sys.stderr)
         exit_if_distributed(PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
-    if "eval" in results and results.get("rank", 0) == 0:
-        m = results["eval"]
-        print(
-            f"top1 {m['top1']:.4f}  base {m['base']}  new {m['new']}  hm {m['hm']}  "
-            f"many {m['many']}  medium {m['medium']}  few {m['few']}"
-        )
+    if results.get("rank", 0) == 0:
+        print(summary(results))
     exit_if_distributed(0)
     return 0
+
+
+def summary(results: dict) -> str:
+    """The run's last lines: its evaluation (`-` where a group has no class) and where the
+    result went, or how far it got when --max-steps stopped it."""
+    lines = []
+    if "eval" in results:
+        m = results["eval"]
+        keys = ("top1", "base", "new", "hm", "many", "medium", "few")
+        lines.append("  ".join(f"{k} {'-' if m[k] is None else f'{m[k]:.4f}'}" for k in keys))
+    if "final" in results:
+        final = results["final"]
+        lines.append(f"wrote {final} (head.pt, head_meta.json, classifier.pt)")
+    else:
+        lines.append(
+            f"stopped at step {results['steps']} of {results['total_steps']} (--max-steps); "
+            "continue with --resume"
+        )
+    return "\n".join(lines)
 
 
 def exit_if_distributed(code: int) -> None:

@@ -298,9 +298,10 @@ def fit(
         if log is not None:
             log.close()
 
-    results: dict[str, Any] = {"steps": step, "rank": comm.rank}
+    results: dict[str, Any] = {"steps": step, "total_steps": total_steps, "rank": comm.rank}
     if step >= total_steps:
         results.update(_finish(cfg, head, train, val, output, device))
+        results["final"] = str(output / "final")
     return results
 
 
