@@ -162,6 +162,25 @@ class ExportedClassifier:
             return scores[:, self.num_base_classes :]
         return scores
 
+    @torch.no_grad()
+    def predictions(self, image_features: torch.Tensor, k: int = 5) -> list[list[dict]]:
+        """Per image, its k best classes as {"id", "class", "score", "prob"}: `prob` is the
+        softmax of the scores over all classes at temperature 1 (the scores are the logits the
+        head was trained with, CLIP's scale included)."""
+        scores = self.scores(image_features).float()
+        probs = torch.softmax(scores, dim=-1)
+        values, indices = scores.topk(min(k, len(self.classnames)), dim=-1)
+        chosen = probs.gather(1, indices)
+        return [
+            [
+                {"id": i, "class": self.classnames[i], "score": round(v, 4), "prob": round(q, 6)}
+                for v, i, q in zip(vals, idx, qs, strict=True)
+            ]
+            for vals, idx, qs in zip(
+                values.tolist(), indices.tolist(), chosen.tolist(), strict=True
+            )
+        ]
+
     def topk(self, image_features: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
         values, indices = self.scores(image_features).topk(min(k, len(self.classnames)), dim=-1)
         return [

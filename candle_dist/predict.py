@@ -1,4 +1,8 @@
-"""Top-k class names with scores, as JSON lines, from a trained run's exported classifier.
+"""Top-k classes as JSON lines, from a trained run's exported classifier.
+
+Each line: {"input": ..., "topk": [{"id", "class", "score", "prob"}, ...]}: the class id and
+name, the score (the head's logit, CLIP's scale s = exp(logit_scale) included) and `prob`, the
+softmax of the scores over all classes at temperature 1.
 
 Example:
   candle-dist predict --checkpoint runs/demo/candle_cla/final photos/ bird.jpg --top-k 3
@@ -291,12 +295,8 @@ def main(args: argparse.Namespace) -> int:
                     f"{keys[0]}: features have dimension {features.shape[-1]} but the classifier "
                     f"expects {classifier.dim}: use the CLIP the head was trained with"
                 )
-            for key, top in zip(keys, classifier.topk(features, args.top_k), strict=True):
-                record_line = {
-                    "input": key,
-                    "topk": [{"class": c, "score": round(s, 4)} for c, s in top],
-                }
-                out.write(json.dumps(record_line) + "\n")
+            for key, top in zip(keys, classifier.predictions(features, args.top_k), strict=True):
+                out.write(json.dumps({"input": key, "topk": top}) + "\n")
         if tmp is not None:
             out.close()
             os.replace(tmp, output)

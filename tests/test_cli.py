@@ -142,8 +142,12 @@ def test_predict_on_features_matches_the_exported_classifier(stores, tmp_path, c
     assert len(lines) == 7 + len(val)
     clf = ExportedClassifier.load(run / "final" / "classifier.pt")
     expected = clf.topk(torch.as_tensor(feats), 3)
-    for record, top in zip(lines[:7], expected, strict=True):
+    probs = torch.softmax(clf.scores(torch.as_tensor(feats)), dim=-1)
+    for row, (record, top) in enumerate(zip(lines[:7], expected, strict=True)):
         assert [t["class"] for t in record["topk"]] == [c for c, _ in top]
+        for entry in record["topk"]:
+            assert clf.classnames[entry["id"]] == entry["class"]
+            assert entry["prob"] == pytest.approx(float(probs[row, entry["id"]]), abs=1e-6)
     assert lines[7]["topk"][0]["class"] in val.classnames
 
 
