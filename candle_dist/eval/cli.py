@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exported", action="store_true", help="use the exported classifier")
     parser.add_argument(
+        "--class-info",
+        help="TSV of the classes' taxonomy (header: id, name, then levels from fine to coarse, as "
+        "configs/data/inat2018_taxonomy.tsv): adds top-1 at every level and the mean taxonomic "
+        "distance of the mistakes",
+    )
+    parser.add_argument(
         "--device",
         default="auto",
         help="where to score: auto (the GPU of LOCAL_RANK if CUDA is available, else the CPU), "
@@ -113,6 +119,7 @@ def main(args: argparse.Namespace) -> int:
     from candle_dist.classifier import ExportedClassifier
     from candle_dist.eval.metrics import MetricAccumulator, to_json
     from candle_dist.eval.plots import plot_per_class_accuracy, plot_shot_groups
+    from candle_dist.eval.taxonomy import read_taxonomy, taxonomy_metrics
     from candle_dist.train.data import eval_data_from_store
     from candle_dist.train.trainer import predict_scores
 
@@ -140,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
             f"{args.features}: labels go up to {int(np.max(data.labels))} but the checkpoint "
             f"has {head.num_classes} classes: the store uses another class list"
         )
+    taxonomy = read_taxonomy(args.class_info, head.num_classes) if args.class_info else None
     classifier = None
     if args.exported:
         try:
@@ -156,6 +164,11 @@ def main(args: argparse.Namespace) -> int:
         scores = classifier.scores(rows) if classifier else predict_scores(head, rows)
         acc.update(scores.cpu(), data.labels[start : start + args.batch_size])
     metrics = acc.compute()
+    if taxonomy is not None:
+        mistakes = acc.mistakes()
+        total = len(data.labels)
+        correct = total - sum(mistakes.values())
+        metrics["taxonomy"] = taxonomy_metrics(*taxonomy, correct, total, mistakes)
     with staged_dir(output, last="metrics.json") as staging:
         to_json(metrics, staging / "metrics.json")
         plot_per_class_accuracy(metrics["per_class"], counts, staging / "per_class_accuracy.png")
@@ -165,6 +178,13 @@ def main(args: argparse.Namespace) -> int:
         ("balanced_accuracy", "macro_f1", "eval_loss"),
     ):
         print("  ".join(f"{k} {'-' if metrics[k] is None else f'{metrics[k]:.4f}'}" for k in keys))
+    if taxonomy is not None:
+        tax = metrics["taxonomy"]
+        levels = "  ".join(
+            f"{level} {value:.4f}" for level, value in tax["top1"].items() if value is not None
+        )
+        distance = "-" if tax["mean_distance"] is None else f"{tax['mean_distance']:.3f}"
+        print(f"top1 at {levels}  mean taxonomic distance of mistakes {distance}")
     if metrics["confused_pairs"]:
         print("most confused (true -> predicted: images):")
         for pair in metrics["confused_pairs"][:5]:

@@ -5,7 +5,7 @@ scores it is given, and `MetricAccumulator` takes the score matrix in row chunks
 classes the trainer never holds all N x C scores. Inputs may be torch tensors (any device)
 or numpy arrays.
 
-Conventions (DESIGN.md §2):
+Conventions (docs/method.md, "Metrics"):
 - prediction = argmax of the scores; on ties the lowest class id wins; NaN scores are an
   error (a broken model), not a wrong prediction;
 - shot groups by training count: many > 100, medium 20..100 (inclusive), few < 20; a new
@@ -356,6 +356,10 @@ class MetricAccumulator:
             "macro_recall": recall,
             "macro_f1": _mean_over(2 * hits / (predicted + support).clamp(min=1), present),
         }
+
+    def mistakes(self) -> dict[tuple[int, int], int]:
+        """Every mistake so far, counted by (true class, predicted class)."""
+        return {divmod(pair, self.num_classes): n for pair, n in self._confusions.items()}
 
     def _confused_pairs(self) -> list[dict[str, Any]]:
         """The most frequent mistakes as {"true", "predicted", "count"} (+ names)."""
