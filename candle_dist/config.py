@@ -50,7 +50,7 @@ class ClipConfig:
 
 @dataclass
 class HeadConfig:
-    """CandleHead options (DESIGN.md §2)."""
+    """CandleHead options (docs/method.md)."""
 
     mask: str = "none"
     virtual_init: str = "text"
@@ -64,10 +64,20 @@ class HeadConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "cla"  # cla, cross_entropy, logit_adjusted, balanced_softmax, focal, class_balanced
-    tau: float = 1.0
-    gamma: float = 2.0
-    beta: float = 0.9999
+    """The loss and its options; each loss reads the options it has (candle_dist.model.losses
+    lists them per loss)."""
+
+    # cla, cross_entropy, logit_adjusted, balanced_softmax, focal, class_balanced, ldam, lade, grw
+    name: str = "cla"
+    tau: float = 1.0  # logit-adjustment weight (cla, logit_adjusted)
+    gamma: float = 2.0  # focal exponent
+    beta: float = 0.9999  # class_balanced
+    count_offset: float = 0.0  # added to every count first (1 keeps classes without images)
+    max_margin: float = 0.5  # ldam: the largest class margin
+    margin_scale: float = 30.0  # ldam: margins are scaled by this (the logit scale)
+    remine_lambda: float = 0.1  # lade: regularizer of the MINE estimate
+    estim_loss_weight: float = 0.1  # lade: weight of the estimate in the loss
+    exp_scale: float = 1.0  # grw: class weights are prior^(-exp_scale)
 
 
 @dataclass
@@ -200,6 +210,17 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, bool, str]]:
         ("loss.tau", loss.tau, loss.tau >= 0, "must be 0 or more (the logit adjustment's weight)"),
         ("loss.gamma", loss.gamma, loss.gamma >= 0, "must be 0 or more (focal loss exponent)"),
         ("loss.beta", loss.beta, 0 <= loss.beta < 1, "must be in [0, 1) (e.g. 0.9999)"),
+        ("loss.count_offset", loss.count_offset, loss.count_offset >= 0, "must be 0 or more"),
+        ("loss.max_margin", loss.max_margin, loss.max_margin > 0, "must be positive (e.g. 0.5)"),
+        ("loss.margin_scale", loss.margin_scale, loss.margin_scale >= 0, "must be 0 or more"),
+        ("loss.remine_lambda", loss.remine_lambda, loss.remine_lambda >= 0, "must be 0 or more"),
+        (
+            "loss.estim_loss_weight",
+            loss.estim_loss_weight,
+            loss.estim_loss_weight >= 0,
+            "must be 0 or more",
+        ),
+        ("loss.exp_scale", loss.exp_scale, loss.exp_scale >= 0, "must be 0 or more"),
         ("optim.lr", o.lr, o.lr > 0, "must be positive (the reference recipe uses 3e-4)"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "must be in [0, 1) (e.g. 0.9)"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be 0 or more"),

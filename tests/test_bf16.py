@@ -21,7 +21,7 @@ from candle_dist.model import attention as attention_module
 from candle_dist.model import head as head_module
 from candle_dist.model import native
 from candle_dist.model.head import CandleHead
-from candle_dist.model.losses import CompensatingLogitAdjustedLoss
+from candle_dist.model.losses import CompensatingLogitAdjustedLoss, build_loss
 from candle_dist.model.softmax_dropout import DropoutKeys
 from candle_dist.parallel.cross_entropy import class_parallel_cross_entropy
 from tests.oracle import DenseCandleHead, dense_cla
@@ -290,3 +290,74 @@ def test_no_step_allocates_heads_by_tokens_squared(device, precision, dropout, m
         loss.backward()
     assert torch.isfinite(loss)
     assert largest.nbytes < heads * tokens * tokens * element, f"{largest.op}: {largest.nbytes}"
+
+
+# ------------------------------------------------------------------ long-tail baselines
+def _dense_columns(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """LADE's column statistics of dense logits: log-sum-exp down each column, target sums."""
+    sums = logits.new_zeros(logits.shape[1]).index_add_(
+        0, targets, logits.gather(1, targets[:, None]).squeeze(1)
+    )
+    return torch.cat([torch.logsumexp(logits, dim=0), sums])
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["ldam", "lade", "grw", "class_balanced"])
+def test_new_losses_in_head_under_bf16_autocast(name, monkeypatch):
+    """Each loss through CandleHead.loss under bf16 autocast errs (per-row cross-entropy,
+    LADE's column statistics, gradient; vs float64) at most 2x what its dense definition errs
+    on the dense oracle's logits. A scalar loss is a sum whose rounding errors cancel by luck,
+    so it is not compared."""
+    head, oracles, feats, labels, counts = _head_pair("none")
+    counts = counts + 1  # all positive, where the published definitions hold
+    criterion = build_loss(name, counts)
+    targets = torch.cat([labels, torch.arange(len(counts))])
+
+    def dense(oracle, feats, autocast: bool) -> dict:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = oracle(feats)
+            loss = sum(criterion(part, targets) for part in logits)
+            rows = torch.cat([criterion.per_row(part, targets) for part in logits])
+            columns = torch.cat([_dense_columns(part, targets) for part in logits])
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in _oracle_params(oracle).values()])
+        return {"per-row loss": rows, "columns": columns, "gradient": grads}
+
+    ref = {k: t.detach() for k, t in dense(oracles[torch.float64], feats, False).items()}
+    theirs = dense(oracles[torch.float32], feats.float(), autocast=True)
+    recorded = {"per-row loss": [], "columns": []}
+
+    def recording(what: str, function):
+        def wrapped(*args, **kwargs):
+            recorded[what].append(function(*args, **kwargs))
+            return recorded[what][-1]
+
+        return wrapped
+
+    monkeypatch.setattr(
+        head_module,
+        "class_parallel_cross_entropy",
+        recording("per-row loss", head_module.class_parallel_cross_entropy),
+    )
+    monkeypatch.setattr(
+        head_module,
+        "class_parallel_column_statistics",
+        recording("columns", head_module.class_parallel_column_statistics),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = head.loss(feats.float(), labels, criterion)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert min(float(rows.detach().min()) for rows in recorded["per-row loss"]) >= 0.0
+    params = dict(head.named_parameters())
+    mine = {
+        "per-row loss": torch.cat(recorded["per-row loss"]),
+        "gradient": torch.cat(
+            [params[n].grad.flatten() for n in _oracle_params(oracles[torch.float64])]
+        ),
+    }
+    if criterion.column_statistics:
+        mine["columns"] = torch.cat([torch.cat(pair) for pair in recorded["columns"]])
+    else:
+        del ref["columns"]
+    _assert_no_worse(mine, theirs, ref)

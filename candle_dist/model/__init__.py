@@ -12,10 +12,14 @@ _EXPORTS = {
     "CompensatingLogitAdjustedLoss": "candle_dist.model.losses",
     "CrossEntropyLoss": "candle_dist.model.losses",
     "FocalLoss": "candle_dist.model.losses",
+    "GeneralizedReweightLoss": "candle_dist.model.losses",
+    "LADELoss": "candle_dist.model.losses",
+    "LDAMLoss": "candle_dist.model.losses",
     "Fusion": "candle_dist.model.fusion",
     "LOSSES": "candle_dist.model.losses",
     "LogitAdjustedLoss": "candle_dist.model.losses",
     "build_loss": "candle_dist.model.losses",
+    "loss_options": "candle_dist.model.losses",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

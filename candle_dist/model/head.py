@@ -22,7 +22,11 @@ from candle_dist.errors import UserInputError
 from candle_dist.model.fusion import Fusion
 from candle_dist.model.losses import AdjustedCrossEntropy
 from candle_dist.parallel.comm import ClassGroup
-from candle_dist.parallel.cross_entropy import class_parallel_cross_entropy
+from candle_dist.parallel.cross_entropy import (
+    class_parallel_column_statistics,
+    class_parallel_cross_entropy,
+    sum_over_ranks,
+)
 from candle_dist.parallel.partition import Partition
 
 VIRTUAL_INITS = ("text", "visual")
@@ -143,10 +147,13 @@ class CandleHead(nn.Module):
 
         Rows are this step's images (all ranks') followed by one prototype row per class with
         targets 0..C-1. Logits exist one chunk of rows at a time (recomputed in backward).
+        A criterion with `column_statistics` (LADE) adds each rank's share of its column term,
+        computed from this rank's columns over all rows.
 
         Sampled mode: `classes` (sorted global ids within this rank's range, covering every
         class of the batch) restricts prototype rows, attention tokens and logit columns to
-        those classes; the logit adjustment still comes from the full prior.
+        those classes; the logit adjustment still comes from the full prior, and a column term
+        covers the sampled classes only.
 
         `image_sizes`: every rank's image count, if known (see `forward`).
         """
@@ -176,6 +183,7 @@ class CandleHead(nn.Module):
         adjustment = criterion.logit_adjustment
         if adjustment is not None:
             adjustment = adjustment.to(device)[classes]
+        target_offset = criterion.target_offset(targets)
 
         def term(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:
             per_row = class_parallel_cross_entropy(
@@ -187,8 +195,16 @@ class CandleHead(nn.Module):
                 col_start=col_start,
                 comm=self.comm,
                 chunk_rows=self.chunk_rows,
+                target_offset=target_offset,
             )
-            return criterion.reduce(per_row, targets)
+            value = criterion.reduce(per_row, targets)
+            if criterion.column_statistics:
+                column_lse, target_sums = class_parallel_column_statistics(
+                    rows, cols, scale, positions, col_start=col_start, chunk_rows=self.chunk_rows
+                )
+                share = criterion.column_term(column_lse, target_sums, targets, classes)
+                value = value + sum_over_ranks(share, self.comm)
+            return value
 
         parts = {
             "loss0": term(enc.rows0, enc.text0, self.scale),

@@ -3,8 +3,14 @@
 Rows (all of them, replicated on every rank) are scored against this rank's class columns one
 chunk of rows at a time; the log-sum-exp over the class dimension is combined across ranks with
 an all-reduce MAX and SUM (as in Megatron's vocab-parallel cross-entropy); the target logit comes
-from the rank that owns the target class. Backward recomputes each chunk's logits, so memory is
+from the rank that owns the target class, which also applies a per-row target-logit offset (LDAM's
+margin) before the log-sum-exp. Backward recomputes each chunk's logits, so memory is
 O(chunk x C_local + (R + C_local) x D) instead of O(R x C).
+
+`class_parallel_column_statistics` gives the column-wise counterparts (LADE's): per local class,
+the log-sum-exp of its logit column over all rows and the sum of its logits over the rows that
+target it. Rows are replicated, so each column's statistics stay on the rank that owns it; a
+loss built from them adds the ranks' shares with `sum_over_ranks`.
 
 Precision, the rule of every custom autograd Function of the head (`matmul_dtype`, `matmul`;
 the chunked attention imports them): the Function runs with autocast off and picks each op's
@@ -86,21 +92,53 @@ def class_parallel_cross_entropy(
     col_start: int = 0,
     comm: ClassGroup | None = None,
     chunk_rows: int = 1024,
+    target_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row cross-entropy [R] over all classes; identical on every rank of `comm`.
 
     rows [R, D] (all rows), cols [C_local, D] (this rank's classes, global ids starting at
     `col_start`), bias [C_local] added to the logits (a logit adjustment; no gradient),
-    targets [R] global class ids. The loss is float32 (float64 for float64 inputs), also under
-    autocast.
+    targets [R] global class ids, target_offset [R] added to each row's target logit only (no
+    gradient). The loss is float32 (float64 for float64 inputs), also under autocast.
     """
     comm = comm or ClassGroup(distributed=False)
     dtype = matmul_dtype(rows, cols)
     bias = cols.new_zeros(cols.shape[0]) if bias is None else bias
+    if target_offset is not None:
+        target_offset = target_offset.to(accumulate_dtype(dtype))
     return _ChunkedCrossEntropy.apply(
         rows, cols, float(scale), bias.to(accumulate_dtype(dtype)), targets, col_start, comm,
-        chunk_rows, dtype,
+        chunk_rows, dtype, target_offset,
     )  # fmt: skip
+
+
+def class_parallel_column_statistics(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: float,
+    targets: torch.Tensor,
+    *,
+    col_start: int = 0,
+    chunk_rows: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column_lse, target_sums), each [C_local], of the logits `scale * rows @ cols^T`.
+
+    column_lse[c] is the log-sum-exp over all R rows of column c; target_sums[c] the sum of
+    column c over the rows whose target is c. rows [R, D] (all rows), cols [C_local, D] (global
+    ids from `col_start`), targets [R] global class ids. Local to this rank: no collective.
+    Precision as `class_parallel_cross_entropy`.
+    """
+    dtype = matmul_dtype(rows, cols)
+    return _ChunkedColumnStatistics.apply(
+        rows, cols, float(scale), targets, col_start, chunk_rows, dtype
+    )
+
+
+def sum_over_ranks(local: torch.Tensor, comm: ClassGroup) -> torch.Tensor:
+    """The sum over ranks of each rank's share of a replicated loss. Backward passes the
+    (replicated) upstream gradient to every rank's share unchanged: each rank then computes
+    its own classes' part of the gradient, as the cross-entropy's backward does."""
+    return _SumOverRanks.apply(local, comm)
 
 
 def _local_target_positions(targets: torch.Tensor, col_start: int, num_local: int):
@@ -116,6 +154,16 @@ def _chunk_logits(
     if dtype == bias.dtype:
         return torch.addmm(bias, chunk, cols.t(), alpha=scale)
     return matmul(chunk, cols.t(), dtype).mul_(scale).add_(bias)
+
+
+def _offset_targets_(
+    logits: torch.Tensor, local_target: torch.Tensor, offset: torch.Tensor | None
+) -> torch.Tensor:
+    """`logits` with `offset` (0 on rows whose target another rank owns) added in place at each
+    row's target column; the same in forward and backward, so both see the same logits."""
+    if offset is not None:
+        logits.scatter_add_(1, local_target[:, None], offset[:, None])
+    return logits
 
 
 def _flushed_exp_(x: torch.Tensor) -> torch.Tensor:
@@ -135,16 +183,20 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, cols, scale, bias, targets, col_start, comm, chunk_rows, dtype):
+    def forward(ctx, rows, cols, scale, bias, targets, col_start, comm, chunk_rows, dtype, offset):
         with autocast_off(rows.device):
             num_rows, num_local = rows.shape[0], cols.shape[0]
             owned, local_target = _local_target_positions(targets, col_start, num_local)
+            if offset is not None:
+                offset = torch.where(owned, offset, torch.zeros_like(offset))
             cols_mm = cols.to(dtype)
             local_lse = bias.new_empty(num_rows)
             target_logit = bias.new_empty(num_rows)
             for start in range(0, num_rows, chunk_rows):
                 piece = slice(start, start + chunk_rows)
                 logits = _chunk_logits(rows[piece].to(dtype), cols_mm, bias, scale, dtype)
+                piece_offset = None if offset is None else offset[piece]
+                _offset_targets_(logits, local_target[piece], piece_offset)
                 target_logit[piece] = logits.gather(1, local_target[piece, None]).squeeze(1)
                 local_lse[piece] = _logsumexp_(logits)
             target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
@@ -154,13 +206,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lse = row_max + torch.log(sum_exp)
             comm.all_reduce(target_logit, "sum")
 
-        ctx.save_for_backward(rows, cols, bias, lse, owned, local_target)
+        ctx.save_for_backward(rows, cols, bias, lse, owned, local_target, offset)
         ctx.scale, ctx.chunk_rows, ctx.dtype = scale, chunk_rows, dtype
         return lse - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
-        rows, cols, bias, lse, owned, local_target = ctx.saved_tensors
+        rows, cols, bias, lse, owned, local_target, offset = ctx.saved_tensors
         scale, chunk_rows, dtype = ctx.scale, ctx.chunk_rows, ctx.dtype
         with autocast_off(rows.device):
             cols_mm = cols.to(dtype)
@@ -176,6 +228,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 piece = slice(start, start + chunk_rows)
                 chunk = rows[piece].to(dtype)
                 logits = _chunk_logits(chunk, cols_mm, bias, scale, dtype)
+                piece_offset = None if offset is None else offset[piece]
+                _offset_targets_(logits, local_target[piece], piece_offset)
                 # d loss / d logits = (softmax - onehot) * grad, softmax over all ranks' columns.
                 grad_logits = _flushed_exp_(logits.sub_(lse[piece, None]))
                 grad_logits.mul_(grad_loss[piece, None])
@@ -187,5 +241,77 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (
             None if grad_rows is None else grad_rows.to(rows.dtype),
             None if grad_cols is None else grad_cols.to(cols.dtype),
-            *[None] * 7,
+            *[None] * 8,
         )
+
+
+class _ChunkedColumnStatistics(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, cols, scale, targets, col_start, chunk_rows, dtype):
+        with autocast_off(rows.device):
+            num_local, wide = cols.shape[0], accumulate_dtype(dtype)
+            owned, local_target = _local_target_positions(targets, col_start, num_local)
+            cols_mm = cols.to(dtype)
+            zero_bias = cols.new_zeros(num_local, dtype=wide)
+            # an online log-sum-exp down the columns: running max and sum of exp below it
+            col_max = cols.new_full((num_local,), -torch.inf, dtype=wide)
+            col_sum = cols.new_zeros(num_local, dtype=wide)
+            target_sums = cols.new_zeros(num_local, dtype=wide)
+            for start in range(0, rows.shape[0], chunk_rows):
+                piece = slice(start, start + chunk_rows)
+                logits = _chunk_logits(rows[piece].to(dtype), cols_mm, zero_bias, scale, dtype)
+                at_target = logits.gather(1, local_target[piece, None]).squeeze(1)
+                at_target = torch.where(owned[piece], at_target, torch.zeros_like(at_target))
+                target_sums.index_add_(0, local_target[piece], at_target)
+                new_max = torch.maximum(col_max, logits.amax(dim=0))
+                col_sum.mul_(torch.exp(col_max - new_max))
+                col_sum.add_(_flushed_exp_(logits.sub_(new_max)).sum(0))
+                col_max = new_max
+            column_lse = col_max + torch.log(col_sum)
+        ctx.save_for_backward(rows, cols, column_lse, owned, local_target)
+        ctx.scale, ctx.chunk_rows, ctx.dtype = scale, chunk_rows, dtype
+        return column_lse, target_sums
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_sums):
+        rows, cols, column_lse, owned, local_target = ctx.saved_tensors
+        scale, chunk_rows, dtype = ctx.scale, ctx.chunk_rows, ctx.dtype
+        with autocast_off(rows.device):
+            cols_mm = cols.to(dtype)
+            zero_bias = column_lse.new_zeros(cols.shape[0])
+            grad_rows = grad_cols = None
+            if ctx.needs_input_grad[0]:
+                grad_rows = rows.new_empty(rows.shape, dtype=column_lse.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_cols = cols.new_zeros(cols.shape, dtype=column_lse.dtype)
+            grad_lse, grad_sums = grad_lse.to(column_lse.dtype), grad_sums.to(column_lse.dtype)
+            # each row's target column gets its class's upstream gradient of target_sums
+            at_target = torch.where(
+                owned, grad_sums[local_target], torch.zeros_like(owned, dtype=grad_sums.dtype)
+            )
+            for start in range(0, rows.shape[0], chunk_rows):
+                piece = slice(start, start + chunk_rows)
+                chunk = rows[piece].to(dtype)
+                logits = _chunk_logits(chunk, cols_mm, zero_bias, scale, dtype)
+                # d column_lse / d logits: the softmax down each column
+                grad_logits = _flushed_exp_(logits.sub_(column_lse)).mul_(grad_lse)
+                grad_logits.scatter_add_(1, local_target[piece, None], at_target[piece, None])
+                if grad_rows is not None:
+                    matmul(grad_logits, cols_mm, dtype, out=grad_rows[piece]).mul_(scale)
+                if grad_cols is not None:
+                    matmul_add_(grad_cols, grad_logits.t(), chunk, dtype, alpha=scale)
+        return (
+            None if grad_rows is None else grad_rows.to(rows.dtype),
+            None if grad_cols is None else grad_cols.to(cols.dtype),
+            *[None] * 5,
+        )
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, comm):
+        return comm.all_reduce(local.clone(), "sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None

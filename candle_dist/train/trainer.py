@@ -36,7 +36,7 @@ from candle_dist.config import Config
 from candle_dist.errors import UserInputError
 from candle_dist.eval.metrics import MetricAccumulator, to_json
 from candle_dist.model.head import CandleHead
-from candle_dist.model.losses import build_loss
+from candle_dist.model.losses import build_loss, loss_options
 from candle_dist.parallel.comm import ClassGroup
 from candle_dist.parallel.partition import Partition
 from candle_dist.precision import resolve_precision
@@ -402,14 +402,8 @@ def _save(
 
 
 def _loss_options(cfg: Config) -> dict[str, float]:
-    name = cfg.loss.name
-    if name in ("cla", "logit_adjusted"):
-        return {"tau": cfg.loss.tau}
-    if name == "focal":
-        return {"gamma": cfg.loss.gamma}
-    if name == "class_balanced":
-        return {"beta": cfg.loss.beta}
-    return {}
+    """The loss section's values of the options the configured loss has."""
+    return {name: getattr(cfg.loss, name) for name in loss_options(cfg.loss.name)}
 
 
 def sample_classes(
@@ -458,7 +452,8 @@ def predict_scores(
 def evaluate(
     head: CandleHead, val: EvalData, train: TrainingData, batch_size: int, device
 ) -> dict[str, Any]:
-    """Metrics of DESIGN.md §2 on `val`, in batches (each rank scores its share of a batch)."""
+    """Metrics (docs/method.md, "Metrics") on `val`, in batches (each rank scores its share of a
+    batch)."""
     acc = MetricAccumulator(train.counts, train.num_base_classes)
     comm = head.comm
     total = len(val.labels)
