@@ -49,7 +49,7 @@ class _DenseFusion(nn.Module):
 
 
 class DenseCandleHead(nn.Module):
-    """Dense Candle head (DESIGN.md §2) with "text" virtual prototypes tied to the text features.
+    """Dense Candle head (docs/method.md) with "text" virtual prototypes tied to the text features.
 
     As in the published code, the new classes' rows of `text_features` and `virtual_prototypes`
     are one storage; the text role is used detached (a constant in backward).

@@ -1,4 +1,4 @@
-"""A plain dense Candle head written from DESIGN.md §2 alone: the oracle for every fast path.
+"""A plain dense Candle head written from docs/method.md alone: the oracle for every fast path.
 
 Everything is materialized (L x L boolean masks, full R x C logits, torch's own
 MultiheadAttention), and the tie between new classes' text features and virtual prototypes

@@ -1,4 +1,4 @@
-"""CandleHead against the dense oracle of DESIGN.md §2: logits, loss, gradients, optimizer steps."""
+"""CandleHead against the dense oracle (docs/method.md): logits, loss, gradients, SGD steps."""
 
 import itertools
 

@@ -1,4 +1,5 @@
-"""Class-name prompts and their text features (DESIGN.md §2: templates average unnormalized).
+"""Class-name prompts and their text features (docs/method.md, "Inputs": templates average
+unnormalized).
 
 A template holds `{}` for the class name and may name per-class fields such as `{genus}` or
 `{supercategory}`, filled from a class-info table (`read_class_info`), e.g.

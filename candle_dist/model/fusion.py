@@ -1,7 +1,7 @@
 """Candle's cross-modal fusion: `Y = LN(X) + ratio * Attn(LN(X))` over [images|prototypes|texts].
 
-Mask modes are expressed by which key groups a query group attends to (DESIGN.md §2), never by
-an L x L mask tensor:
+Mask modes (docs/method.md, "Fusion") are expressed by which key groups a query group attends
+to, never by an L x L mask tensor:
 
 | mode                  | image/prototype queries see   | text queries see          |
 |-----------------------|-------------------------------|---------------------------|

@@ -1,4 +1,4 @@
-"""The Candle prototype head (DESIGN.md §2), class-parallel when a process group is given.
+"""The Candle prototype head (docs/method.md), class-parallel when a process group is given.
 
 With one process it is the head of the paper; with P processes each rank holds a contiguous
 range of classes (its text features, visual and virtual prototypes, prototype rows) and its
