@@ -101,6 +101,9 @@ class TrainConfig:
     log_every: int = 20
     eval_batch_size: int = 1024
     eval_every_epoch: bool = False  # evaluate after every epoch (else only at the end)
+    # experiment trackers through Accelerate: tensorboard, wandb, mlflow, aim; [] for none
+    # (candle_dist/train/tracking.py; TensorBoard's event files go to OUTPUT/tracking)
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     # how an epoch draws samples: uniform (each once), square_root or class_balanced (classes
     # drawn in proportion to n_c^0.5 or equally; candle_dist/train/sampler.py)
     sampler: str = "uniform"

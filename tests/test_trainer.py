@@ -166,3 +166,26 @@ def test_every_loss_trains_through_the_config(tmp_path, loss):
         cfg = load_config(None, [*overrides, f"train.output={tmp_path / 'b'}", f"loss.name={loss}"])
         with pytest.raises(UserInputError, match="count_offset=1"):
             fit(cfg, train)
+
+
+def test_tensorboard_receives_losses_and_evaluations(tmp_path, long_tailed):
+    """train.log_with=[tensorboard] (the default): the event file holds the loss terms, the
+    rates and every evaluation, next to metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(tmp_path, long_tailed, "cla", "optim.epochs=2", "train.eval_every_epoch=true")
+    reader = EventAccumulator(str(tmp_path / "cla" / "tracking" / "candle_dist"))
+    reader.Reload()
+    tags = set(reader.Tags()["scalars"])
+    want = {"train/loss", "train/loss0", "train/loss_vt", "train/loss_vv", "train/lr"}
+    assert want | {"train/samples_per_s", "eval/top1", "eval/few", "eval/hm"} <= tags
+    last = reader.Scalars("train/loss")[-1].step
+    assert [e.step for e in reader.Scalars("eval/top1")] == [last // 2, last, last]  # + final
+    assert (tmp_path / "cla" / "metrics.jsonl").exists()
+
+
+def test_no_tracker_and_an_unknown_tracker(tmp_path, long_tailed):
+    _train(tmp_path, long_tailed, "cla", "optim.epochs=1", "train.log_with=[]")
+    assert not (tmp_path / "cla" / "tracking").exists()
+    with pytest.raises(UserInputError, match="unknown tracker 'tensorbored'"):
+        _train(tmp_path / "b", long_tailed, "cla", "train.log_with=[tensorbored]")

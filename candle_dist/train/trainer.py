@@ -47,6 +47,7 @@ from candle_dist.train.outputs import check_output_dir, staged_dir
 from candle_dist.train.prototypes import class_means
 from candle_dist.train.sampler import epoch_indices
 from candle_dist.train.schedule import learning_rate
+from candle_dist.train.tracking import PROJECT, check_trackers, eval_scalars, hyperparameters
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on a signal, requeue and --resume
 INTERRUPT_NOTE = (  # on a line of its own after the progress bar's
@@ -59,10 +60,16 @@ class Preempted(Exception):
     """Raised after a checkpoint was written because SIGUSR1, SIGTERM or SIGINT arrived."""
 
 
-def make_accelerator(precision: str = "auto", dist_timeout_minutes: float = 60.0):
+def make_accelerator(
+    precision: str = "auto",
+    dist_timeout_minutes: float = 60.0,
+    log_with: list[str] | None = None,
+    project_dir: str | None = None,
+):
     """An Accelerator that really has N ranks under `accelerate launch`/torchrun, GPU or not,
-    with bf16 autocast where `precision` resolves to it (candle_dist.precision) and the process
-    group's collective timeout set to `dist_timeout_minutes`."""
+    with bf16 autocast where `precision` resolves to it (candle_dist.precision), the process
+    group's collective timeout set to `dist_timeout_minutes`, and the experiment trackers
+    `log_with` writing under `project_dir` (candle_dist.train.tracking)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -81,7 +88,11 @@ def make_accelerator(precision: str = "auto", dist_timeout_minutes: float = 60.0
     # cpu=True is how Accelerate sets up gloo ranks without GPUs, but it also turns DeepSpeed off;
     # DeepSpeed sets up its own group (gloo on CPU).
     accelerator = Accelerator(
-        cpu=not cuda and not deepspeed, mixed_precision=mixed, kwargs_handlers=[timeout]
+        cpu=not cuda and not deepspeed,
+        mixed_precision=mixed,
+        kwargs_handlers=[timeout],
+        log_with=check_trackers(log_with or []) or None,
+        project_dir=project_dir,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Under DeepSpeed on CPU, Accelerate reports one process whatever the group: ask torch.
@@ -191,12 +202,18 @@ def fit(
     if not resume:
         _refuse_earlier_run(output, ckpt_dir)
     validate(train, val)
+    check_trackers(cfg.train.log_with)
     accelerator = accelerator or make_accelerator(
-        cfg.train.precision, cfg.train.dist_timeout_minutes
+        cfg.train.precision,
+        cfg.train.dist_timeout_minutes,
+        cfg.train.log_with,
+        str(output / "tracking"),
     )
     device = accelerator.device
     comm = ClassGroup(device=device)
     is_main = comm.rank == 0
+    # rank 0 only: under DeepSpeed on the CPU, Accelerate takes every rank for the main one
+    tracking = is_main and bool(getattr(accelerator, "log_with", None))
 
     head = build_head(cfg, train, comm, device)
     criterion = build_loss(cfg.loss.name, train.counts, **_loss_options(cfg)).to(device)
@@ -232,11 +249,14 @@ def fit(
                 f"train.output {output}: cannot write ({err}); choose a writable folder"
             ) from None
 
+    if tracking:
+        accelerator.init_trackers(PROJECT, config=hyperparameters(cfg.to_dict()))
     stop = _StopFlag(announce=is_main)
     log = open(output / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train")
     last_step = total_steps if max_steps is None else min(total_steps, step + max_steps)
     started = time.perf_counter()
+    last_log = (step, started)
     try:
         while step < last_step:
             epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -272,10 +292,17 @@ def fit(
             if log is not None and (step % cfg.train.log_every == 0 or step == last_step):
                 record = {"step": step, "epoch": epoch, "lr": lr, "loss": float(loss.detach())}
                 record.update({k: float(v) for k, v in parts.items()})
-                record["elapsed_s"] = round(time.perf_counter() - started, 3)
+                now = time.perf_counter()
+                record["elapsed_s"] = round(now - started, 3)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
+                if tracking:
+                    rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
+                    scalars = {f"train/{k}": record[k] for k in ("loss", "lr", *parts)}
+                    scalars.update({"train/steps_per_s": rate, "train/samples_per_s": rate * batch})
+                    accelerator.log(scalars, step=step)
+                last_log = (step, now)
             epoch_end = step % steps_per_epoch == 0
             saved = None
             if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step:
@@ -292,16 +319,21 @@ def fit(
                 if log is not None:
                     log.write(json.dumps({"step": step, "epoch": epoch, "eval": metrics}) + "\n")
                     log.flush()
+                if tracking:
+                    accelerator.log(eval_scalars(metrics), step=step)
+        results: dict[str, Any] = {"steps": step, "total_steps": total_steps, "rank": comm.rank}
+        if step >= total_steps:
+            results.update(_finish(cfg, head, train, val, output, device))
+            results["final"] = str(output / "final")
+            if tracking and "eval" in results:
+                accelerator.log(eval_scalars(results["eval"]), step=step)
     finally:
         stop.release_interrupt()
         progress.close()
         if log is not None:
             log.close()
-
-    results: dict[str, Any] = {"steps": step, "total_steps": total_steps, "rank": comm.rank}
-    if step >= total_steps:
-        results.update(_finish(cfg, head, train, val, output, device))
-        results["final"] = str(output / "final")
+        if tracking:
+            accelerator.end_training()
     return results
 
 
