@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exported", action="store_true", help="use the exported classifier")
     parser.add_argument(
+        "--adjust",
+        metavar="logit=TAU",
+        help="post-hoc logit adjustment, no training: scores minus TAU * log prior, the prior "
+        "from the training counts + 1 (as the CLA loss has it, finite for new classes); "
+        "e.g. logit=1.0",
+    )
+    parser.add_argument(
         "--class-info",
         help="TSV of the classes' taxonomy (header: id, name, then levels from fine to coarse, as "
         "configs/data/inat2018_taxonomy.tsv): adds top-1 at every level and the mean taxonomic "
@@ -115,6 +122,26 @@ def checkpoint_provenance(meta: dict, dim: int) -> dict:
     )
 
 
+def posthoc_adjustment(spec: str | None, counts: np.ndarray, device) -> torch.Tensor | None:
+    """`--adjust logit=TAU` as the [C] vector subtracted from every row of scores: TAU * log of
+    the prior (n_c + 1) / sum(n + 1). Classifier-row rescaling (tau-normalization) has no
+    meaning for the Candle head, whose columns are normalized prototypes."""
+    if spec is None:
+        return None
+    kind, _, value = spec.partition("=")
+    if kind != "logit":
+        raise UserInputError(
+            f"--adjust {spec!r}: the Candle head takes logit=TAU (tau_norm rescales classifier "
+            "rows by their norm, and this head's columns are unit-norm prototypes)"
+        )
+    try:
+        tau = float(value)
+    except ValueError:
+        raise UserInputError(f"--adjust {spec!r}: TAU must be a number, e.g. logit=1.0") from None
+    prior = torch.as_tensor(counts, dtype=torch.float64) + 1.0
+    return (tau * torch.log(prior / prior.sum())).float().to(device)
+
+
 def main(args: argparse.Namespace) -> int:
     from candle_dist.classifier import ExportedClassifier
     from candle_dist.eval.metrics import MetricAccumulator, to_json
@@ -148,13 +175,14 @@ def main(args: argparse.Namespace) -> int:
             f"has {head.num_classes} classes: the store uses another class list"
         )
     taxonomy = read_taxonomy(args.class_info, head.num_classes) if args.class_info else None
+    counts = np.asarray(meta["counts"])
+    adjustment = posthoc_adjustment(args.adjust, counts, device)
     classifier = None
     if args.exported:
         try:
             classifier = ExportedClassifier.load(Path(args.checkpoint) / "classifier.pt", device)
         except ValueError as err:
             raise UserInputError(str(err)) from None
-    counts = np.asarray(meta["counts"])
     acc = MetricAccumulator(counts, meta["num_base_classes"], classnames=meta["classnames"])
     for start in tqdm(range(0, len(data.labels), args.batch_size), desc="eval"):
         rows = torch.as_tensor(
@@ -162,8 +190,11 @@ def main(args: argparse.Namespace) -> int:
         )
         rows = rows.to(device)
         scores = classifier.scores(rows) if classifier else predict_scores(head, rows)
+        if adjustment is not None:
+            scores = scores - adjustment
         acc.update(scores.cpu(), data.labels[start : start + args.batch_size])
     metrics = acc.compute()
+    metrics["adjust"] = args.adjust
     if taxonomy is not None:
         mistakes = acc.mistakes()
         total = len(data.labels)

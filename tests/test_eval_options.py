@@ -1,4 +1,4 @@
-"""Taxonomy-aware evaluation: top-1 at each level, the taxonomic distance of mistakes."""
+"""eval options: taxonomy-aware metrics (--class-info) and post-hoc logit adjustment (--adjust)."""
 
 import json
 
@@ -82,3 +82,31 @@ def test_eval_reports_the_taxonomy(stores, tmp_path, capsys):
     top1 = metrics["taxonomy"]["top1"]
     assert metrics["top1"] <= top1["genus"] <= top1["family"] <= 1.0
     assert "mean taxonomic distance of mistakes" in capsys.readouterr().out
+
+
+def test_eval_posthoc_logit_adjustment(stores, tmp_path, capsys):
+    """--adjust logit=TAU subtracts TAU log prior: 0 changes nothing; a large TAU moves
+    predictions towards rare classes; other adjustments are refused with the reason."""
+    run = tmp_path / "run"
+    train = ["train", f"data.train={stores / 'train'}", f"train.output={run}", "optim.epochs=1"]
+    assert main([*train, "head.num_heads=4", "loss.name=cross_entropy"]) == 0
+    argv = ["eval", "--checkpoint", str(run / "final"), "--features", str(stores / "val")]
+    results = {}
+    for adjust in (None, "logit=0", "logit=3"):
+        out = tmp_path / f"eval-{adjust}"
+        extra = [] if adjust is None else ["--adjust", adjust]
+        assert main([*argv, "--output", str(out), *extra]) == 0
+        results[adjust] = json.loads((out / "metrics.json").read_text())
+    assert results["logit=0"]["top1"] == results[None]["top1"]
+    assert results["logit=3"]["adjust"] == "logit=3"
+    counts = np.array([row["train_count"] for row in results[None]["per_class_detail"]])
+
+    def mean_count_of_predictions(metrics):
+        predicted = np.array([row["predicted"] for row in metrics["per_class_detail"]])
+        return (predicted * counts).sum() / predicted.sum()
+
+    assert mean_count_of_predictions(results["logit=3"]) < mean_count_of_predictions(results[None])
+    capsys.readouterr()
+    assert main([*argv, "--output", str(tmp_path / "x"), "--adjust", "tau_norm=1"]) == 2
+    assert "logit=TAU" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
