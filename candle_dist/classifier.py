@@ -7,15 +7,18 @@ dependence: the class tokens are fused once without any image ("a batch of zero"
 and values are cached, and each image token attends to itself plus the class tokens its mask
 mode allows. A prediction then depends on its own image only, and costs O(C x D).
 
-This module needs only torch (and the plain-Python provenance record): an exported classifier
-loads without the training code.
+This module needs only torch, safetensors (for export directories) and the plain-Python
+provenance record: an exported classifier loads without the training code, from a run's
+final/classifier.pt or from a directory written by `candle-dist export` (model.safetensors,
+config.json, classnames.txt: no pickle).
 
-    clf = ExportedClassifier.load("runs/x/final/classifier.pt")
+    clf = load("runs/x/final/classifier.pt")    # or load("exports/x"), an export directory
     scores = clf.scores(image_features)          # [N, C]
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -23,10 +26,30 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from candle_dist.provenance import provenance
+from candle_dist.provenance import classes_sha256, provenance
 
 FORMAT = "candle_dist.classifier/1"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CLASSNAMES_FILE = "classnames.txt"
+# the tensors and the scalar fields the scoring formula reads
+TENSORS = (
+    "proj_image",
+    "norm_weight",
+    "norm_bias",
+    "in_proj_weight",
+    "in_proj_bias",
+    "out_proj_weight",
+    "out_proj_bias",
+    "ratio",
+    "class_keys",
+    "class_values",
+    "text_columns",
+    "proto_columns",
+)
+SCALARS = ("num_base_classes", "num_heads", "scale", "visual_scale", "mask", "norm_eps")
 
 
 @torch.no_grad()
@@ -86,6 +109,41 @@ def export_classifier(
     os.replace(tmp, path)
 
 
+class Scorer(nn.Module):
+    """The scoring formula as a module, so that `ExportedClassifier.scores` and the ONNX graph
+    `candle-dist export` traces from it are one implementation."""
+
+    def __init__(self, state: dict[str, Any]):
+        super().__init__()
+        for name in TENSORS:
+            self.register_buffer(name, state[name])
+        self.num_heads = int(state["num_heads"])
+        self.scale = float(state["scale"])
+        self.visual_scale = float(state["visual_scale"])
+        self.norm_eps = float(state["norm_eps"])
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[N, C] scores of [N, D] image features; row i depends on image i only."""
+        x = image_features.to(self.proj_image.dtype) @ self.proj_image
+        normed = F.layer_norm(x, x.shape[-1:], self.norm_weight, self.norm_bias, self.norm_eps)
+        q, k_self, v_self = F.linear(normed, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # [n, D] -> [H, n, d]
+            return t.reshape(t.shape[0], self.num_heads, -1).transpose(0, 1)
+
+        q, k_self, v_self = split(q), split(k_self), split(v_self)
+        keys, values = split(self.class_keys), split(self.class_values)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        own = (q * k_self).sum(-1, keepdim=True) * scale
+        weights = torch.softmax(torch.cat([own, q @ keys.transpose(1, 2) * scale], -1), -1)
+        attended = weights[..., :1] * v_self + weights[..., 1:] @ values
+        attended = attended.transpose(0, 1).reshape(x.shape)
+        fused = normed + self.ratio * F.linear(attended, self.out_proj_weight, self.out_proj_bias)
+        rows = F.normalize(fused, dim=-1)
+        scores = self.scale * rows @ self.text_columns.t()
+        return scores + self.scale * self.visual_scale * rows @ self.proto_columns.t()
+
+
 class ExportedClassifier:
     """Scores = s * n(x') . n(T')^T + s_v * n(x') . n(P')^T with x' the fused image token."""
 
@@ -93,10 +151,18 @@ class ExportedClassifier:
         self.state = state
         self.classnames: list[str] = list(state["classnames"])
         self.num_base_classes = int(state["num_base_classes"])
+        self.scorer = Scorer(state)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> ExportedClassifier:
-        """The classifier in `path`; a ValueError saying what is wrong with the file otherwise."""
+        """The classifier in `path`, a classifier.pt file or an export directory (a run's final/
+        is read through its classifier.pt); a ValueError saying what is wrong otherwise."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / "classifier.pt").is_file() and not (path / MODEL_FILE).exists():
+                path = path / "classifier.pt"
+            else:
+                return cls(_read_directory(path, device))
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except FileNotFoundError:
@@ -134,28 +200,7 @@ class ExportedClassifier:
     @torch.no_grad()
     def scores(self, image_features: torch.Tensor, columns: str = "all") -> torch.Tensor:
         """[N, C] scores (or the base / new column block); row i depends on image i only."""
-        st = self.state
-        x = image_features.to(st["proj_image"].dtype) @ st["proj_image"]
-        normed = F.layer_norm(x, x.shape[-1:], st["norm_weight"], st["norm_bias"], st["norm_eps"])
-        q, k_self, v_self = F.linear(normed, st["in_proj_weight"], st["in_proj_bias"]).chunk(3, -1)
-        heads = int(st["num_heads"])
-
-        def split(t: torch.Tensor) -> torch.Tensor:  # [n, D] -> [H, n, d]
-            return t.reshape(t.shape[0], heads, -1).transpose(0, 1)
-
-        q, k_self, v_self = split(q), split(k_self), split(v_self)
-        keys, values = split(st["class_keys"]), split(st["class_values"])
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        own = (q * k_self).sum(-1, keepdim=True) * scale
-        weights = torch.softmax(torch.cat([own, q @ keys.transpose(1, 2) * scale], -1), -1)
-        attended = weights[..., :1] * v_self + weights[..., 1:] @ values
-        attended = attended.transpose(0, 1).reshape(x.shape)
-        fused = normed + st["ratio"] * F.linear(
-            attended, st["out_proj_weight"], st["out_proj_bias"]
-        )
-        rows = F.normalize(fused, dim=-1)
-        scores = st["scale"] * rows @ st["text_columns"].t()
-        scores = scores + st["scale"] * st["visual_scale"] * rows @ st["proto_columns"].t()
+        scores = self.scorer(image_features)
         if columns == "base":
             return scores[:, : self.num_base_classes]
         if columns == "new":
@@ -189,6 +234,87 @@ class ExportedClassifier:
         ]
 
 
+def write_directory(
+    classifier: ExportedClassifier, folder: str | os.PathLike, clip: dict[str, Any]
+) -> None:
+    """`classifier` as model.safetensors (its tensors), config.json (its other fields, its
+    dimensions, `clip`: the CLIP its features come from) and classnames.txt in the existing
+    `folder`: files any language reads, with no pickle to trust."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = classifier.state
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if _is_tensor(v)}
+    save_file(tensors, folder / MODEL_FILE, metadata={"format": FORMAT})
+    fields = {k: v for k, v in state.items() if not _is_tensor(v) and k != "classnames"}
+    config = {
+        **fields,
+        "dim": classifier.dim,
+        "embed_dim": int(state["proj_image"].shape[1]),
+        "num_classes": len(classifier.classnames),
+        "clip": clip,
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (folder / CLASSNAMES_FILE).write_text(
+        "".join(f"{name}\n" for name in classifier.classnames), encoding="utf-8"
+    )
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """config.json of an export directory; a ValueError saying what is wrong otherwise."""
+    file = Path(folder) / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{file} cannot be read ({err}): {_REEXPORT}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{file} is not the config of an exported classifier: {_REEXPORT}")
+    return config
+
+
+_REEXPORT = "export the run again with `candle-dist export RUN/final --output DIR`"
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _read_directory(folder: Path, device: str) -> dict[str, Any]:
+    """The classifier state of an export directory, checked against its own config."""
+    from safetensors.torch import load_file
+
+    missing = [n for n in (MODEL_FILE, CONFIG_FILE, CLASSNAMES_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise ValueError(
+            f"{folder} is not an exported classifier ({', '.join(missing)} missing): pass a "
+            f"directory written by `candle-dist export`, a run's final/ or its classifier.pt"
+        )
+    config = read_config(folder)
+    try:
+        tensors = load_file(folder / MODEL_FILE, device=device)
+    except Exception as err:  # truncated or foreign: safetensors raises several types
+        raise ValueError(
+            f"{folder / MODEL_FILE} cannot be loaded ({str(err).splitlines()[0]}): {_REEXPORT}"
+        ) from None
+    text = (folder / CLASSNAMES_FILE).read_text(encoding="utf-8")
+    classnames = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    absent = [k for k in (*TENSORS, *SCALARS) if k not in tensors and k not in config]
+    if absent:
+        raise ValueError(f"{folder} lacks {', '.join(absent)}: {_REEXPORT}")
+    recorded = (config.get("provenance") or {}).get("classes_sha256")
+    if len(classnames) != config.get("num_classes") or recorded not in (
+        None,
+        classes_sha256(classnames),
+    ):
+        raise ValueError(
+            f"{folder / CLASSNAMES_FILE} is not the class list the classifier was exported with "
+            f"({len(classnames)} names, edited?): {_REEXPORT}"
+        )
+    fields = {k: v for k, v in config.items() if k not in ("dim", "embed_dim", "num_classes")}
+    return {**fields, **tensors, "classnames": classnames}
+
+
 def load(path: str | os.PathLike, device: str = "cpu") -> ExportedClassifier:
-    """The exported classifier at `path` (a run's final/classifier.pt), on `device`."""
+    """The exported classifier at `path` (a run's final/classifier.pt, or a directory written by
+    `candle-dist export`), on `device`."""
     return ExportedClassifier.load(path, device)

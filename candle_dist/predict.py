@@ -256,7 +256,7 @@ def _check_clip_options(record: dict, args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     from candle_dist.classifier import ExportedClassifier
     from candle_dist.eval.cli import scoring_device
-    from candle_dist.train.outputs import check_output_file
+    from candle_dist.outputs import check_output_file
 
     for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
         if value < 1:

@@ -376,7 +376,7 @@ def test_output_path_under_a_file_or_a_file_in_its_place(world, tmp_path, capsys
 @pytest.mark.parametrize("command", ["train", "eval", "demo", "predict"])
 def test_output_path_without_permission(world, tmp_path, capsys, monkeypatch, command):
     """Root may write anywhere, so the permission check is made to fail."""
-    from candle_dist.train import outputs
+    from candle_dist import outputs
 
     final, val, out = str(world["run"] / "final"), str(world["a"] / "val"), tmp_path / "out"
     argv = {
@@ -445,7 +445,8 @@ def test_train_publishes_no_final_when_the_export_fails(world, tmp_path, capsys,
     run = tmp_path / "run"
     assert main(_train(world["a"], run, "optim.epochs=1")) == 2
     _one_error(capsys, "train", "classifier.pt: No space left on device")
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl"]
+    kept = sorted(p.name for p in run.iterdir())
+    assert kept == ["checkpoints", "config.json", "metrics.jsonl", "tracking"]
 
 
 # ----------------------------------------------------------------------- other subcommands

@@ -418,7 +418,7 @@ def test_pretrained_is_required_and_random_weights_are_said(data, tmp_path, caps
         (["--views", "-1"], "--views -1: give a whole number >= 0"),
         (["--views", "1", "--seed", "-1"], "--seed -1: give a whole number >= 0"),
         (["--output", "{shards}"], "holds other files, no feature store"),
-        (["--output", "{config}"], "a file is in the way, not a folder"),
+        (["--output", "{config}"], "is an existing file, not a folder"),
         (["--output", "{config}/store"], "dataplane-tiny.json is a file, not a folder"),
     ],
 )
@@ -442,7 +442,7 @@ def test_unwritable_output_is_one_line_error(data, tmp_path, capsys, monkeypatch
         monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
     argv = ["--shards", data["spec"], "--model-config", str(data["config"]), "--pretrained"]
     code, err = _cli(capsys, *argv, "none", "--output", str(locked / "store"))
-    assert code == 2 and f"{locked} is not writable" in _one_error(err)
+    assert code == 2 and f"no permission to write in {locked}" in _one_error(err)
     assert list(locked.iterdir()) == []
 
 

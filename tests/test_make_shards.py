@@ -353,7 +353,7 @@ def test_unwritable_output_is_one_line_error(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("in the way\n")
     args = ["--synthetic", "--num-classes", "3", "--max-per-class", "2", "--output"]
     assert _make(*args, str(tmp_path / "file")) == 2
-    assert "file: a file is in the way, not a folder" in _error_line(capsys)
+    assert "file is an existing file, not a folder" in _error_line(capsys)
     assert _make(*args, str(tmp_path / "file" / "out")) == 2
     assert f"{tmp_path / 'file'} is a file, not a folder" in _error_line(capsys)
     locked = tmp_path / "locked"
@@ -362,7 +362,7 @@ def test_unwritable_output_is_one_line_error(tmp_path, capsys, monkeypatch):
         real = os.access  # file system answers instead
         monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
     assert _make(*args, str(locked / "out")) == 2
-    assert f"{locked} is not writable" in _error_line(capsys)
+    assert f"no permission to write in {locked}" in _error_line(capsys)
     assert list(locked.iterdir()) == [] and (tmp_path / "file").read_text() == "in the way\n"
 
 

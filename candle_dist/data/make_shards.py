@@ -39,13 +39,13 @@ from tqdm import tqdm
 
 from candle_dist.data.shards import (
     atomic_write_text,
-    check_output_dir,
     read_classnames,
     write_classnames,
     write_counts_tsv,
     write_shard,
 )
 from candle_dist.errors import UserInputError
+from candle_dist.outputs import check_output_dir
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 TAR_OVERHEAD = 3 * 1536 + 256  # pax + ustar headers of jpg/cls/json, plus the json body
@@ -512,7 +512,7 @@ def _check_options(args) -> Path:
         )
     if args.synthetic and (args.val or args.classnames or args.root):
         raise UserInputError("--synthetic draws its own images: drop --val/--classnames/--root")
-    return check_output_dir(args.output)
+    return check_output_dir(args.output, "--output")
 
 
 def _check_samples(args, dataset: Dataset, order: ClassOrder, names: list[str], chosen) -> None:

@@ -101,30 +101,6 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(handle, np.ascontiguousarray(array))
 
 
-def check_output_dir(path: str | Path, option: str = "--output") -> Path:
-    """`path` as a folder this run can create or write into, checked before any work starts:
-    a bad path then fails at once, naming itself, instead of after the work, with a traceback."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserInputError(
-            f"{option} {path}: a file is in the way, not a folder; choose another path or "
-            "remove the file"
-        )
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserInputError(
-            f"{option} {path}: {existing} is a file, not a folder; choose a path under a folder"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(
-            f"{option} {path}: {existing} is not writable; choose a writable location or "
-            "fix its permissions"
-        )
-    return path
-
-
 def write_shard(path: str | Path, samples: Sequence[dict]) -> None:
     """Write WebDataset samples (`__key__` plus byte/str fields) into one tar, atomically."""
     path = Path(path)

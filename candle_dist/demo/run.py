@@ -26,8 +26,8 @@ from candle_dist.config import load_config
 from candle_dist.errors import UserInputError
 from candle_dist.eval.metrics import evaluate, to_json
 from candle_dist.eval.plots import plot_loss_curve, plot_per_class_accuracy, plot_shot_groups
+from candle_dist.outputs import check_output_dir
 from candle_dist.train.data import TrainingData, eval_data_from_store, training_data_from_store
-from candle_dist.train.outputs import check_output_dir
 from candle_dist.train.trainer import fit
 
 COLUMNS = ("base", "new", "hm", "many", "medium", "few", "top1")

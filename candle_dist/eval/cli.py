@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from candle_dist import provenance as prov
 from candle_dist.errors import UserInputError
-from candle_dist.train.outputs import check_output_dir, staged_dir
+from candle_dist.outputs import check_output_dir, staged_dir
 
 META_KEYS = ("classnames", "num_base_classes", "counts", "head_options")
 

@@ -46,7 +46,6 @@ from candle_dist.data.shards import (
     TarReader,
     TarSample,
     atomic_write_text,
-    check_output_dir,
     expand_urls,
     is_local,
     read_classnames,
@@ -73,6 +72,7 @@ from candle_dist.features.store import (
     write_part,
 )
 from candle_dist.features.transforms import ImagePreprocessor, PreprocessSpec
+from candle_dist.outputs import check_output_dir
 from candle_dist.precision import PRECISIONS, autocast, resolve_precision
 from candle_dist.provenance import check_same, provenance
 
@@ -344,7 +344,7 @@ def _plan(shards, output, classnames, counts, split) -> _Plan:
 def _check_store_dir(output: Path) -> None:
     """`output` is new, empty or a store of extract (to resume or redo): any other folder's
     files (the shards' own classnames.txt, say) would be overwritten by the store's."""
-    check_output_dir(output)
+    check_output_dir(output, "--output")
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not any((output / name).exists() for name in (IDENTITY_FILE, MANIFEST, SHARD_DIR)):
