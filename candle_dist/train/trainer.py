@@ -332,8 +332,9 @@ def fit(
         progress.close()
         if log is not None:
             log.close()
-        if tracking:
-            accelerator.end_training()
+        if tracking:  # not accelerator.end_training(): it destroys the process group
+            for tracker in accelerator.trackers:
+                tracker.finish()
     return results
 
 
