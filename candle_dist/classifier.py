@@ -121,11 +121,12 @@ class Scorer(nn.Module):
         self.scale = float(state["scale"])
         self.visual_scale = float(state["visual_scale"])
         self.norm_eps = float(state["norm_eps"])
+        self.embed_dim = int(state["proj_image"].shape[1])  # a constant in traced (ONNX) graphs
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """[N, C] scores of [N, D] image features; row i depends on image i only."""
         x = image_features.to(self.proj_image.dtype) @ self.proj_image
-        normed = F.layer_norm(x, x.shape[-1:], self.norm_weight, self.norm_bias, self.norm_eps)
+        normed = F.layer_norm(x, (self.embed_dim,), self.norm_weight, self.norm_bias, self.norm_eps)
         q, k_self, v_self = F.linear(normed, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
 
         def split(t: torch.Tensor) -> torch.Tensor:  # [n, D] -> [H, n, d]
@@ -133,7 +134,7 @@ class Scorer(nn.Module):
 
         q, k_self, v_self = split(q), split(k_self), split(v_self)
         keys, values = split(self.class_keys), split(self.class_values)
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(self.embed_dim // self.num_heads)
         own = (q * k_self).sum(-1, keepdim=True) * scale
         weights = torch.softmax(torch.cat([own, q @ keys.transpose(1, 2) * scale], -1), -1)
         attended = weights[..., :1] * v_self + weights[..., 1:] @ values
@@ -240,12 +241,12 @@ def write_directory(
     """`classifier` as model.safetensors (its tensors), config.json (its other fields, its
     dimensions, `clip`: the CLIP its features come from) and classnames.txt in the existing
     `folder`: files any language reads, with no pickle to trust."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     state = classifier.state
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if _is_tensor(v)}
-    save_file(tensors, folder / MODEL_FILE, metadata={"format": FORMAT})
+    (folder / MODEL_FILE).write_bytes(save(tensors, metadata={"format": FORMAT}))
     fields = {k: v for k, v in state.items() if not _is_tensor(v) and k != "classnames"}
     config = {
         **fields,

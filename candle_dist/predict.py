@@ -9,6 +9,7 @@ Example:
   candle-dist predict --checkpoint runs/x/final 'shards/val-{000000..000003}.tar'
   candle-dist predict --checkpoint runs/x/final features/val      # a feature store
   candle-dist predict --checkpoint runs/x/final feats.npy         # [N, D] features
+  candle-dist predict --checkpoint exports/x feats.npy            # a `candle-dist export` dir
 
 Inputs are image files, folders of images, WebDataset shards (brace expansion allowed), feature
 stores or .npy feature arrays. Images are encoded with the CLIP that made the training features
@@ -28,6 +29,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +37,9 @@ import torch
 from candle_dist import provenance as prov
 from candle_dist.errors import UserInputError
 from candle_dist.precision import PRECISIONS, autocast, resolve_precision
+
+if TYPE_CHECKING:
+    from candle_dist.classifier import ExportedClassifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -46,7 +51,11 @@ UNKNOWN_CLIP = "arrays"  # what FeatureStore.from_arrays records for features of
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="images, folders, shards, stores or .npy")
-    parser.add_argument("--checkpoint", required=True, help="a run's final/ directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run's final/ directory or a directory written by `candle-dist export`",
+    )
     parser.add_argument("--top-k", type=int, default=5, help="classes listed per input")
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded together")
     parser.add_argument("--output", help="JSON lines file (default: standard output)")
@@ -253,23 +262,22 @@ def _check_clip_options(record: dict, args: argparse.Namespace) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    from candle_dist.classifier import ExportedClassifier
-    from candle_dist.eval.cli import scoring_device
-    from candle_dist.outputs import check_output_file
+def _load_checkpoint(final: Path) -> tuple[ExportedClassifier, dict | None]:
+    """The classifier of a run's final/ or of a `candle-dist export` directory, and the record of
+    the CLIP that made its features (from head_meta.json, or the export's config.json)."""
+    from candle_dist.classifier import MODEL_FILE, ExportedClassifier, read_config
 
-    for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserInputError(f"{option} {value}: give 1 or more")
-    output = check_output_file(args.output, "--output") if args.output else None
-    final = Path(args.checkpoint)
+    exported = (final / MODEL_FILE).exists()
     classifier_file = final / "classifier.pt"
-    if not classifier_file.exists():
+    if not exported and not classifier_file.exists():
         raise UserInputError(
-            f"{classifier_file} does not exist: --checkpoint must be the final/ directory of a "
-            "finished `candle-dist train` run"
+            f"{final} holds neither classifier.pt nor {MODEL_FILE}: --checkpoint must be the "
+            "final/ directory of a finished `candle-dist train` run or a directory written by "
+            "`candle-dist export`"
         )
     try:
+        if exported:
+            return ExportedClassifier.load(final), read_config(final).get("clip")
         classifier = ExportedClassifier.load(classifier_file)
     except ValueError as err:
         raise UserInputError(str(err)) from None
@@ -280,6 +288,18 @@ def main(args: argparse.Namespace) -> int:
         raise UserInputError(
             f"{meta_file} is damaged ({err}): restore it from the training run's final/"
         ) from None
+    return classifier, clip_info
+
+
+def main(args: argparse.Namespace) -> int:
+    from candle_dist.eval.cli import scoring_device
+    from candle_dist.outputs import check_output_file
+
+    for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserInputError(f"{option} {value}: give 1 or more")
+    output = check_output_file(args.output, "--output") if args.output else None
+    classifier, clip_info = _load_checkpoint(Path(args.checkpoint))
     record = _checkpoint_record(classifier, clip_info)
     _check_clip_options(record, args)
     _check_inputs(args.inputs, record)

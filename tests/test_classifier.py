@@ -84,3 +84,40 @@ def test_provenance_is_stored_and_a_damaged_file_is_a_clear_error(tmp_path):
         ExportedClassifier.load(path)
     with pytest.raises(ValueError, match="does not exist: pass the final/ directory"):
         ExportedClassifier.load(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("mask", ["in_visual", "between_visual_text"])
+def test_export_directory_round_trip_and_its_damage(tmp_path, mask):
+    from candle_dist.classifier import load, write_directory
+
+    head = CandleHead(
+        text_features=torch.randn(C, D, dtype=torch.float64),
+        visual_prototypes=torch.randn(C_BASE, D, dtype=torch.float64),
+        logit_scale=2.0,
+        mask=mask,
+        num_heads=4,
+    ).double()
+    names = [f"c {i}, ü" for i in range(C)]
+    record = provenance(names, model="ViT-B-16", pretrained="openai", templates=["{}"], dim=D)
+    final = tmp_path / "final"
+    final.mkdir()
+    export_classifier(head, final / "classifier.pt", names, record)
+    clf = load(final)  # a run's final/ is read through its classifier.pt
+    folder = tmp_path / "export"
+    folder.mkdir()
+    write_directory(clf, folder, {"model": "ViT-B-16", "pretrained": "openai"})
+    again = load(folder)
+    images = torch.randn(4, D, dtype=torch.float64)
+    assert torch.equal(again.scores(images), clf.scores(images))
+    assert again.classnames == names and again.provenance == record
+    assert again.state["mask"] == mask and again.state["text_columns"].dtype == torch.float64
+
+    (folder / "classnames.txt").write_text("".join(f"{n}\n" for n in reversed(names)))
+    with pytest.raises(ValueError, match=r"classnames\.txt is not the class list .* export"):
+        load(folder)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match=r"model\.safetensors cannot be loaded"):
+        load(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"config\.json missing\): pass a directory written by"):
+        load(folder)
