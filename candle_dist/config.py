@@ -101,6 +101,9 @@ class TrainConfig:
     log_every: int = 20
     eval_batch_size: int = 1024
     eval_every_epoch: bool = False  # evaluate after every epoch (else only at the end)
+    # keep the epoch with the best value of this eval metric (top1, hm, few, balanced_accuracy,
+    # macro_f1, ...) in OUTPUT/best as well as the last one in OUTPUT/final; "" = off
+    select_on: str = ""
     # experiment trackers through Accelerate: tensorboard, wandb, mlflow, aim; [] for none
     # (candle_dist/train/tracking.py; TensorBoard's event files go to OUTPUT/tracking)
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -144,7 +147,8 @@ class Config:
                     raise UserInputError(f"{section.name}.{name}={value!r} must be a finite number")
         for key, value, choices in _choices(self):
             if value not in choices:
-                raise UserInputError(f"unknown {key}={value!r}: choose one of {', '.join(choices)}")
+                names = ", ".join(choice or '""' for choice in choices)
+                raise UserInputError(f"unknown {key}={value!r}: choose one of {names}")
         for key, value, ok, requirement in _ranges(self):
             if not ok:
                 raise UserInputError(f"{key}={value!r} {requirement}")
@@ -180,6 +184,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# eval metrics where larger is better, that train.select_on may name
+SELECTABLE = (
+    "top1", "top5", "base", "new", "hm", "many", "medium", "few",
+    "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1",
+)  # fmt: skip
+
+
 def _choices(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
     """(key, value, valid values) of every option that names one of a fixed set."""
     from candle_dist.model.fusion import MASK_MODES
@@ -195,6 +206,7 @@ def _choices(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
         ("loss.name", cfg.loss.name, tuple(LOSSES)),
         ("train.precision", cfg.train.precision, PRECISIONS),
         ("train.sampler", cfg.train.sampler, tuple(SAMPLERS)),
+        ("train.select_on", cfg.train.select_on, ("", *SELECTABLE)),
     ]
 
 

@@ -189,3 +189,27 @@ def test_no_tracker_and_an_unknown_tracker(tmp_path, long_tailed):
     assert not (tmp_path / "cla" / "tracking").exists()
     with pytest.raises(UserInputError, match="unknown tracker 'tensorbored'"):
         _train(tmp_path / "b", long_tailed, "cla", "train.log_with=[tensorbored]")
+
+
+def test_select_on_keeps_the_best_epoch(tmp_path, long_tailed):
+    """train.select_on=few: best/ holds the epoch whose evaluation had the highest few-shot
+    accuracy (a classifier and head like final/'s), final/ the last one."""
+    _train(
+        tmp_path, long_tailed, "cla", "optim.epochs=3", "train.eval_every_epoch=true",
+        "train.select_on=few", "optim.lr=0.05",
+    )  # fmt: skip
+    run = tmp_path / "cla"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    evaluations = {r["step"]: r["eval"]["few"] for r in records if "eval" in r}
+    selected = json.loads((run / "best" / "head_meta.json").read_text())["selected"]
+    assert selected["metric"] == "few"
+    assert selected["value"] == max(evaluations.values())
+    assert evaluations[selected["step"]] == selected["value"]
+    assert {p.name for p in (run / "best").iterdir()} == {p.name for p in (run / "final").iterdir()}
+
+
+def test_select_on_needs_per_epoch_evaluation(tmp_path, long_tailed):
+    with pytest.raises(UserInputError, match="needs a validation store"):
+        _train(tmp_path, long_tailed, "cla", "train.select_on=top1")
+    with pytest.raises(UserInputError, match=r"unknown train\.select_on='loss'"):
+        _train(tmp_path, long_tailed, "cla", "train.select_on=loss")

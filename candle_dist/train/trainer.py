@@ -251,6 +251,13 @@ def fit(
 
     if tracking:
         accelerator.init_trackers(PROJECT, config=hyperparameters(cfg.to_dict()))
+    select = cfg.train.select_on
+    if select and (val is None or not cfg.train.eval_every_epoch):
+        raise UserInputError(
+            f"train.select_on={select}: selecting the best epoch needs a validation store "
+            "(data.val) and train.eval_every_epoch=true"
+        )
+    best = _best_so_far(output / "best", select) if select else None
     stop = _StopFlag(announce=is_main)
     log = open(output / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train")
@@ -321,6 +328,12 @@ def fit(
                     log.flush()
                 if tracking:
                     accelerator.log(eval_scalars(metrics), step=step)
+                value = metrics.get(select) if select else None
+                if value is not None and (best is None or value > best):
+                    # every rank sees the same metrics, so all take this collective together
+                    best = value
+                    selected = {"metric": select, "value": value, "step": step, "epoch": epoch}
+                    _publish(cfg, head, train, output / "best", device, selected)
         results: dict[str, Any] = {"steps": step, "total_steps": total_steps, "rank": comm.rank}
         if step >= total_steps:
             results.update(_finish(cfg, head, train, val, output, device))
@@ -514,30 +527,48 @@ def head_options(cfg: Config, logit_scale: float) -> dict[str, Any]:
     }
 
 
-def _finish(cfg, head, train, val, output: Path, device) -> dict[str, Any]:
-    """Final export (head.pt, head_meta.json, classifier.pt) and evaluation. final/ is filled
-    under a temporary name and renamed when complete: it never looks finished when it is not."""
-    results: dict[str, Any] = {}
+def _publish(cfg, head, train, folder: Path, device, selected: dict | None = None) -> None:
+    """head.pt, head_meta.json and classifier.pt of the head as it is now, in `folder` (final/
+    or best/; collective). The folder is filled under a temporary name and renamed when complete:
+    it never looks finished when it is not."""
     full = head.full_state_dict()
-    if head.comm.rank == 0:
-        with staged_dir(output / "final", replace=True) as final:
-            torch.save(full, final / "head.pt")
-            options = head_options(cfg, math.log(head.scale))
-            meta = {
-                "classnames": train.classnames,
-                "num_base_classes": train.num_base_classes,
-                "counts": [int(c) for c in train.counts],
-                "head_options": options,
-                "clip": train.clip,
-                "train_source": train.source,
-                "provenance": train.provenance,
-            }
-            (final / "head_meta.json").write_text(json.dumps(meta))
-            # on the accelerator: on the CPU this takes longer than NCCL's default timeout at
-            # 10^5 classes, while the other ranks wait in the next collective
-            single = CandleHead.from_state_dict(full, device=device, **options)
-            export_classifier(single, final / "classifier.pt", train.classnames, train.provenance)
-            del single
+    if head.comm.rank != 0:
+        return
+    with staged_dir(folder, replace=True) as staging:
+        torch.save(full, staging / "head.pt")
+        options = head_options(cfg, math.log(head.scale))
+        meta = {
+            "classnames": train.classnames,
+            "num_base_classes": train.num_base_classes,
+            "counts": [int(c) for c in train.counts],
+            "head_options": options,
+            "clip": train.clip,
+            "train_source": train.source,
+            "provenance": train.provenance,
+        }
+        if selected is not None:
+            meta["selected"] = selected
+        (staging / "head_meta.json").write_text(json.dumps(meta))
+        # on the accelerator: on the CPU this takes longer than NCCL's default timeout at
+        # 10^5 classes, while the other ranks wait in the next collective
+        single = CandleHead.from_state_dict(full, device=device, **options)
+        export_classifier(single, staging / "classifier.pt", train.classnames, train.provenance)
+        del single
+
+
+def _best_so_far(folder: Path, metric: str) -> float | None:
+    """The value best/ was selected with (a resumed run continues the selection)."""
+    try:
+        selected = json.loads((folder / "head_meta.json").read_text()).get("selected") or {}
+    except (OSError, ValueError):
+        return None
+    return selected.get("value") if selected.get("metric") == metric else None
+
+
+def _finish(cfg, head, train, val, output: Path, device) -> dict[str, Any]:
+    """Final export (final/) and evaluation."""
+    results: dict[str, Any] = {}
+    _publish(cfg, head, train, output / "final", device)
     if val is not None:
         metrics = evaluate(head, val, train, cfg.train.eval_batch_size, device)
         results["eval"] = metrics
