@@ -97,6 +97,9 @@ class OptimConfig:
 class TrainConfig:
     output: str = "runs/candle"
     seed: int = 0
+    # several seeds, each in OUTPUT/seed-<s>, with mean ± std in OUTPUT/seeds.json; [] = one run
+    # with train.seed (candle_dist/train/seeds.py)
+    seeds: list[int] = field(default_factory=list)
     checkpoint_every: int = 500  # steps; also at every epoch end
     log_every: int = 20
     eval_batch_size: int = 1024

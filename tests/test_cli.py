@@ -168,3 +168,17 @@ def test_train_summary_says_where_the_result_went_or_how_far_it_got():
     ]
     partial = summary({"steps": 3, "total_steps": 8})
     assert partial == "stopped at step 3 of 8 (--max-steps); continue with --resume"
+
+
+def test_train_several_seeds_reports_mean_and_std(stores, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", f"data.train={stores / 'train'}", f"data.val={stores / 'val'}"]
+    argv += [f"train.output={run}", "optim.epochs=1", "head.num_heads=4", "train.seed=5"]
+    assert main([*argv, "--seeds", "2"]) == 0
+    content = json.loads((run / "seeds.json").read_text())
+    assert content["seeds"] == [5, 6]
+    top1 = [json.loads((run / f"seed-{s}" / "eval.json").read_text())["top1"] for s in (5, 6)]
+    assert top1[0] != top1[1]  # the seeds differ (dropout, order)
+    assert content["summary"]["top1"]["mean"] == pytest.approx(sum(top1) / 2)
+    assert content["summary"]["top1"]["std"] == pytest.approx(abs(top1[0] - top1[1]) / 2**0.5)
+    assert "2 seeds: top1 " in capsys.readouterr().out

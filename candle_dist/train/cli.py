@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from candle_dist.config import load_config
 
@@ -27,12 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="train N seeds (train.seed, +1, ...), each in OUTPUT/seed-<s>, and report mean ± "
+        "std in OUTPUT/seeds.json (default: train.seeds, or one run)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
 def main(args: argparse.Namespace) -> int:
     from candle_dist.errors import UserInputError
     from candle_dist.train.data import eval_data_from_store, training_data_from_store
+    from candle_dist.train.seeds import seed_config, table, write_summary
     from candle_dist.train.trainer import PREEMPTED_EXIT_CODE, Preempted, fit
 
     cfg = load_config(args.config, args.overrides)
@@ -42,16 +51,32 @@ def main(args: argparse.Namespace) -> int:
         )
     if not cfg.data.train:
         raise UserInputError("data.train is empty: set it to a feature store directory")
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UserInputError(f"--seeds {args.seeds}: give 1 or more seeds")
+        cfg.train.seeds = list(range(cfg.train.seed, cfg.train.seed + args.seeds))
+    if len(set(cfg.train.seeds)) != len(cfg.train.seeds):
+        raise UserInputError(f"train.seeds={cfg.train.seeds}: each seed once")
     train = training_data_from_store(cfg.data.train)
     val = eval_data_from_store(cfg.data.val) if cfg.data.val else None
-    try:
-        results = fit(cfg, train, val, resume=args.resume, max_steps=args.max_steps)
-    except Preempted as stop:
-        print(f"candle-dist train: {stop}", file=sys.stderr)
-        exit_if_distributed(PREEMPTED_EXIT_CODE)
-        return PREEMPTED_EXIT_CODE
-    if results.get("rank", 0) == 0:
-        print(summary(results))
+    runs = [seed_config(cfg, seed) for seed in cfg.train.seeds] or [cfg]
+    evaluations = {}
+    for run in runs:
+        try:
+            results = fit(run, train, val, resume=args.resume, max_steps=args.max_steps)
+        except Preempted as stop:
+            print(f"candle-dist train: {stop}", file=sys.stderr)
+            exit_if_distributed(PREEMPTED_EXIT_CODE)
+            return PREEMPTED_EXIT_CODE
+        if results.get("rank", 0) == 0:
+            print(summary(results))
+        if "eval" in results:
+            evaluations[run.train.seed] = results["eval"]
+    rank = results.get("rank", 0)
+    if cfg.train.seeds and len(evaluations) == len(runs) and rank == 0:
+        content = write_summary(cfg.train.output, evaluations)
+        print(table(content, ("top1", "base", "new", "hm", "many", "medium", "few")))
+        print(f"wrote {Path(cfg.train.output) / 'seeds.json'}")
     exit_if_distributed(0)
     return 0
 
