@@ -5,7 +5,9 @@ mask mode an image's scores depend on the other images of its batch (through the
 which attend to image tokens, and, except in `in_visual`, directly). The export removes that
 dependence: the class tokens are fused once without any image ("a batch of zero"), their keys
 and values are cached, and each image token attends to itself plus the class tokens its mask
-mode allows. A prediction then depends on its own image only, and costs O(C x D).
+mode allows. A prediction then depends on its own image only, and costs O(C x D). The export
+also keeps the unfused class inputs (CLASS_INPUTS), from which `class_tokens` fuses the class
+tokens again when classes are added by name (`candle-dist add-classes`, candle_dist/grow.py).
 
 This module needs only torch, safetensors (for export directories) and the plain-Python
 provenance record: an exported classifier loads without the training code, from a run's
@@ -52,7 +54,113 @@ TENSORS = (
 SCALARS = ("num_base_classes", "num_heads", "scale", "visual_scale", "mask", "norm_eps")
 
 
+# the unfused class inputs and the text projection, from which `class_tokens` recomputes the
+# class tokens when classes are added (candle_dist/grow.py); scoring does not read them
+CLASS_INPUTS = ("proj_text", "class_prototypes", "class_texts")
+# the trained parameters `class_tokens` reads, besides num_heads and mask
+FUSION_PARAMS = (
+    "proj_image",
+    "proj_text",
+    "norm_weight",
+    "norm_bias",
+    "in_proj_weight",
+    "in_proj_bias",
+    "out_proj_weight",
+    "out_proj_bias",
+    "ratio",
+)
+
+
 @torch.no_grad()
+def class_tokens(
+    prototypes: torch.Tensor,
+    texts: torch.Tensor,
+    params: dict[str, Any],
+    num_heads: int,
+    mask: str,
+) -> dict[str, torch.Tensor]:
+    """class_keys, class_values, text_columns and proto_columns of raw class prototypes and
+    texts [C, D] under the trained `params` (FUSION_PARAMS and norm_eps): the class tokens
+    fused without any image, one computation for export and for added classes.
+
+    The fusion is the head's own module (candle_dist/model/fusion.py, imported here only), so
+    that its mask table has one implementation."""
+    from candle_dist.model.fusion import Fusion
+
+    dim, dtype = params["proj_image"].shape[1], params["proj_image"].dtype
+    fusion = Fusion(dim, num_heads, 0.0, mask, device=prototypes.device, dtype=dtype).eval()
+    fusion.norm.weight.copy_(params["norm_weight"])
+    fusion.norm.bias.copy_(params["norm_bias"])
+    fusion.norm.eps = float(params["norm_eps"])
+    fusion.attn.in_proj_weight.copy_(params["in_proj_weight"])
+    fusion.attn.in_proj_bias.copy_(params["in_proj_bias"])
+    fusion.attn.out_proj.weight.copy_(params["out_proj_weight"])
+    fusion.attn.out_proj.bias.copy_(params["out_proj_bias"])
+    fusion.ratio.copy_(params["ratio"])
+    protos = prototypes.to(dtype) @ params["proj_image"]
+    texts = texts.to(dtype) @ params["proj_text"]
+    empty = protos.new_zeros(0, dim)
+    _, fused_protos, fused_texts = fusion(empty, protos, texts)
+    normed = fusion.norm(torch.cat([protos, texts]))
+    _, k, v = F.linear(normed, fusion.attn.in_proj_weight, fusion.attn.in_proj_bias).chunk(3, -1)
+    num_cls = protos.shape[0]
+    # the class keys an image query sees (its own key is added by Scorer where the mode has it)
+    allowed = {
+        "none": (0, 2 * num_cls),
+        "in_visual": (num_cls, 2 * num_cls),
+        "in_text": (0, 2 * num_cls),
+        "between_visual_text": (0, num_cls),
+    }
+    lo, hi = allowed[mask]
+    return {
+        "class_keys": k[lo:hi].cpu(),
+        "class_values": v[lo:hi].cpu(),
+        "text_columns": F.normalize(fused_texts, dim=-1).cpu(),
+        "proto_columns": F.normalize(fused_protos, dim=-1).cpu(),
+    }
+
+
+@torch.no_grad()
+def classifier_state(
+    head, classnames: list[str], record: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The exported classifier of a one-process `CandleHead` as a state dict (see
+    `export_classifier`)."""
+    head = head.eval()
+    fusion = head.fusion
+    params = {
+        "proj_image": head.proj_image,
+        "proj_text": head.proj_text,
+        "norm_weight": fusion.norm.weight,
+        "norm_bias": fusion.norm.bias,
+        "in_proj_weight": fusion.attn.in_proj_weight,
+        "in_proj_bias": fusion.attn.in_proj_bias,
+        "out_proj_weight": fusion.attn.out_proj.weight,
+        "out_proj_bias": fusion.attn.out_proj.bias,
+        "ratio": fusion.ratio,
+    }
+    prototypes, texts = head.prototypes(), head.class_text_features()
+    params = {name: value.detach() for name, value in params.items()}
+    tokens = class_tokens(
+        prototypes, texts, {**params, "norm_eps": fusion.norm.eps}, fusion.num_heads, fusion.mask
+    )
+    return {
+        "format": FORMAT,
+        "classnames": list(classnames),
+        "provenance": record,
+        "num_base_classes": head.num_base_classes,
+        "num_heads": fusion.num_heads,
+        "scale": head.scale,
+        "visual_scale": head.visual_scale,
+        "mask": fusion.mask,
+        "norm_eps": fusion.norm.eps,
+        **{name: value.cpu() for name, value in params.items()},
+        "class_prototypes": prototypes.detach().cpu(),
+        "class_texts": texts.detach().cpu(),
+        **tokens,
+    }
+
+
 def export_classifier(
     head,
     path: str | os.PathLike,
@@ -61,48 +169,9 @@ def export_classifier(
 ) -> None:
     """Write the batch-independent classifier of a one-process `CandleHead` (atomically), with
     `record`, the provenance of its training features (candle_dist.provenance), which predict
-    compares with the features it is given."""
-    head = head.eval()
-    num_heads = head.fusion.num_heads
-    protos = head.prototypes() @ head.proj_image
-    texts = head.class_text_features() @ head.proj_text
-    empty = protos.new_zeros(0, protos.shape[1])
-    _, fused_protos, fused_texts = head.fusion(empty, protos, texts)
-    normed = head.fusion.norm(torch.cat([protos, texts]))
-    _, k, v = F.linear(
-        normed, head.fusion.attn.in_proj_weight, head.fusion.attn.in_proj_bias
-    ).chunk(3, -1)
-    num_cls = protos.shape[0]
-    allowed = {
-        "none": (0, 2 * num_cls),
-        "in_visual": (num_cls, 2 * num_cls),
-        "in_text": (0, 2 * num_cls),
-        "between_visual_text": (0, num_cls),
-    }
-    lo, hi = allowed[head.fusion.mask]
-    state = {
-        "format": FORMAT,
-        "classnames": list(classnames),
-        "provenance": record,
-        "num_base_classes": head.num_base_classes,
-        "num_heads": num_heads,
-        "scale": head.scale,
-        "visual_scale": head.visual_scale,
-        "mask": head.fusion.mask,
-        "proj_image": head.proj_image.detach().cpu(),
-        "norm_weight": head.fusion.norm.weight.detach().cpu(),
-        "norm_bias": head.fusion.norm.bias.detach().cpu(),
-        "norm_eps": head.fusion.norm.eps,
-        "in_proj_weight": head.fusion.attn.in_proj_weight.detach().cpu(),
-        "in_proj_bias": head.fusion.attn.in_proj_bias.detach().cpu(),
-        "out_proj_weight": head.fusion.attn.out_proj.weight.detach().cpu(),
-        "out_proj_bias": head.fusion.attn.out_proj.bias.detach().cpu(),
-        "ratio": head.fusion.ratio.detach().cpu(),
-        "class_keys": k[lo:hi].cpu(),
-        "class_values": v[lo:hi].cpu(),
-        "text_columns": F.normalize(fused_texts, dim=-1).cpu(),
-        "proto_columns": F.normalize(fused_protos, dim=-1).cpu(),
-    }
+    compares with the features it is given. Besides the scoring tensors it keeps the raw class
+    inputs (CLASS_INPUTS), so that classes can be added later without retraining."""
+    state = classifier_state(head, classnames, record)
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(state, tmp)

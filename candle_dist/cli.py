@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("candle_dist.eval.cli", "evaluate a checkpoint on a feature store"),
     "predict": ("candle_dist.predict", "top-k class names for images, shards or features"),
     "export": ("candle_dist.export", "a run's classifier as safetensors (+ ONNX) and a model card"),
+    "add-classes": ("candle_dist.grow", "add classes known by name to an exported classifier"),
     "bench": ("candle_dist.bench", "time training steps of the head (bench head ...)"),
     "pretrain-tiny": ("candle_dist.demo.tiny_clip", "build the offline tiny CLIP for the demo"),
     "demo": ("candle_dist.demo.run", "end-to-end demo on synthetic long-tailed data"),

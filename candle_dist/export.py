@@ -71,7 +71,7 @@ def _formats(text: str) -> list[str]:
     return chosen
 
 
-def _read_json(file: Path, what: str) -> dict[str, Any] | None:
+def read_json(file: Path, what: str) -> dict[str, Any] | None:
     """The JSON object in `file` (None when there is no such file)."""
     if not file.exists():
         return None
@@ -84,7 +84,7 @@ def _read_json(file: Path, what: str) -> dict[str, Any] | None:
     return value
 
 
-def _check_output(path: str) -> Path:
+def check_export_output(path: str) -> Path:
     """--output as a new or empty folder, or an earlier export (which is replaced)."""
     from candle_dist.classifier import MODEL_FILE
     from candle_dist.outputs import check_output_dir
@@ -98,7 +98,7 @@ def _check_output(path: str) -> Path:
     return out
 
 
-def _clip_record(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+def clip_record(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     """The CLIP that made the training features: head_meta.json's, with the templates of the
     classifier's provenance."""
     clip = meta.get("clip") or {}
@@ -148,6 +148,35 @@ def _write_onnx(classifier, file: Path) -> float:
             "with --format safetensors, or try other torch / onnxruntime versions"
         )
     return diff
+
+
+def run_classifier(final: Path, meta: dict[str, Any]):
+    """The classifier of a run's `final` (with its head_meta.json `meta`): classifier.pt, or,
+    when that was written before the raw class inputs were recorded (candle_dist.classifier
+    CLASS_INPUTS, which adding classes needs), the same classifier rebuilt from head.pt."""
+    import torch
+
+    from candle_dist.classifier import CLASS_INPUTS, ExportedClassifier, classifier_state
+
+    try:
+        classifier = ExportedClassifier.load(final / "classifier.pt")
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
+    head_file = final / "head.pt"
+    if all(k in classifier.state for k in CLASS_INPUTS) or not head_file.is_file():
+        return classifier
+    from candle_dist.model.head import CandleHead
+
+    try:
+        full = torch.load(head_file, map_location="cpu", weights_only=True)
+        head = CandleHead.from_state_dict(full, **meta["head_options"])
+    except (KeyError, TypeError, RuntimeError, OSError) as err:
+        raise UserInputError(
+            f"{head_file} and head_meta.json cannot rebuild the head ({err}): restore them from "
+            "the training run"
+        ) from None
+    state = classifier_state(head, classifier.classnames, classifier.state.get("provenance"))
+    return ExportedClassifier(state)
 
 
 def _number(value: float | None) -> str:
@@ -296,7 +325,7 @@ def model_card(
 
 
 def main(args: argparse.Namespace) -> int:
-    from candle_dist.classifier import ExportedClassifier, write_directory
+    from candle_dist.classifier import write_directory
     from candle_dist.outputs import staged_dir
 
     formats = _formats(args.format)
@@ -313,18 +342,15 @@ def main(args: argparse.Namespace) -> int:
             raise UserInputError(
                 f'--format onnx needs {" and ".join(absent)}: pip install "candle_dist[export]"'
             )
-    try:
-        classifier = ExportedClassifier.load(classifier_file)
-    except ValueError as err:
-        raise UserInputError(str(err)) from None
     restore = "restore it from the training run"
-    meta = _read_json(final / "head_meta.json", restore)
+    meta = read_json(final / "head_meta.json", restore)
     if meta is None:
         raise UserInputError(f"{final / 'head_meta.json'} does not exist: {restore}")
-    run_config = _read_json(final.parent / "config.json", restore)
-    metrics = _read_json(final.parent / "eval.json", restore)
-    out = _check_output(args.output)
-    clip = _clip_record(meta, classifier.provenance)
+    classifier = run_classifier(final, meta)
+    run_config = read_json(final.parent / "config.json", restore)
+    metrics = read_json(final.parent / "eval.json", restore)
+    out = check_export_output(args.output)
+    clip = clip_record(meta, classifier.provenance)
     card = model_card(classifier, meta, clip, run_config, metrics, final)
     written = ["model.safetensors", "config.json", "classnames.txt", "README.md"]
     with staged_dir(out, replace=True) as tmp:

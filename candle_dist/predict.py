@@ -262,7 +262,7 @@ def _check_clip_options(record: dict, args: argparse.Namespace) -> None:
     )
 
 
-def _load_checkpoint(final: Path) -> tuple[ExportedClassifier, dict | None]:
+def load_classifier_and_clip(final: Path) -> tuple[ExportedClassifier, dict | None]:
     """The classifier of a run's final/ or of a `candle-dist export` directory, and the record of
     the CLIP that made its features (from head_meta.json, or the export's config.json)."""
     from candle_dist.classifier import MODEL_FILE, ExportedClassifier, read_config
@@ -299,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
         if value < 1:
             raise UserInputError(f"{option} {value}: give 1 or more")
     output = check_output_file(args.output, "--output") if args.output else None
-    classifier, clip_info = _load_checkpoint(Path(args.checkpoint))
+    classifier, clip_info = load_classifier_and_clip(Path(args.checkpoint))
     record = _checkpoint_record(classifier, clip_info)
     _check_clip_options(record, args)
     _check_inputs(args.inputs, record)
