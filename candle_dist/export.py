@@ -3,6 +3,7 @@
 Example:
   candle-dist export runs/x/final --output exports/x
   candle-dist export runs/x/final --output exports/x --format safetensors,onnx
+  candle-dist export runs/x/final --output exports/x --format onnx --with-image-tower
 
 The directory loads with `candle_dist.classifier.load(DIR)` without the training code, and
 `candle-dist predict --checkpoint DIR` classifies images or features with it:
@@ -13,6 +14,11 @@ The directory loads with `candle_dist.classifier.load(DIR)` without the training
   README.md          a model card: data, method, metrics, intended use, limits
   model.onnx         (--format onnx) image features [N, D] -> scores [N, C], checked against
                      torch with onnxruntime when written (needs candle_dist[export])
+  model_with_image_tower.onnx
+                     (--with-image-tower) preprocessed images [N, 3, H, W] in 0..1 -> scores
+                     [N, C]: CLIP's normalization and image tower (fp32), then the classifier;
+                     needs the recorded CLIP's weights locally, recorded as onnx_image_tower in
+                     config.json
 Everything is checked before anything is written; an earlier export at DIR is replaced whole.
 """
 
@@ -22,6 +28,7 @@ import argparse
 import importlib.util
 import inspect
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from candle_dist.errors import UserInputError
 
 FORMATS = ("safetensors", "onnx")
 ONNX_FILE = "model.onnx"
+TOWER_FILE = "model_with_image_tower.onnx"
 # max |onnxruntime - torch| on the scores (CLIP's scale s ~ 100 included): 1e-4, or float32's
 # rounding of a D-term dot product at that scale where it is larger (measured: 2.3e-5 at D = 32,
 # 8.4e-5 at D = 1024 with 10,000 classes; torch's own float32 error there is 3-6e-5)
@@ -43,6 +51,7 @@ def onnx_tolerance(scores_max: float, dim: int) -> float:
 
 ONNX_OPSET = 17  # the first with LayerNormalization
 CHECK_ROWS = 64  # random feature rows scored by both at export time
+CHECK_IMAGES = 4  # random images scored by both when the image tower is exported
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="safetensors",
         help="comma-separated: safetensors (always written), onnx (adds model.onnx; "
         'needs pip install "candle_dist[export]")',
+    )
+    parser.add_argument(
+        "--with-image-tower",
+        action="store_true",
+        help=f"with --format onnx, also write {TOWER_FILE}: preprocessed images [N, 3, H, W] "
+        "in 0..1 -> scores, the recorded CLIP's image tower included (its weights must be local)",
     )
 
 
@@ -111,43 +126,101 @@ def clip_record(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_onnx(classifier, file: Path) -> float:
-    """model.onnx from the classifier's scoring module; the max |onnxruntime - torch| of the
-    scores of random features, which must be within `onnx_tolerance`."""
+def _export_checked(module, example, file: Path, input_name: str, dim: int) -> float:
+    """`module` traced to `file` (TorchScript exporter, batch axis dynamic); the max
+    |onnxruntime - torch| of its scores of `example`, which must be within `onnx_tolerance`."""
     import numpy as np
     import onnxruntime
     import torch
 
-    scorer = classifier.scorer.eval()
-    example = torch.zeros(2, classifier.dim)
     legacy = (
         {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and trace notes
         torch.onnx.export(
-            scorer,
-            (example,),
+            module,
+            (example[:2],),
             str(file),
-            input_names=["image_features"],
+            input_names=[input_name],
             output_names=["scores"],
-            dynamic_axes={"image_features": {0: "n"}, "scores": {0: "n"}},
+            dynamic_axes={input_name: {0: "n"}, "scores": {0: "n"}},
             opset_version=ONNX_OPSET,
             **legacy,
         )
-    features = torch.randn(CHECK_ROWS, classifier.dim, generator=torch.Generator().manual_seed(0))
+        want = module(example).numpy()
     session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"image_features": features.numpy()})
-    want = classifier.scores(features).numpy()
+    (got,) = session.run(None, {input_name: example.numpy()})
     diff = float(np.abs(got.astype(np.float64) - want).max()) if got.shape == want.shape else None
-    allowed = onnx_tolerance(float(np.abs(want).max()), classifier.dim)
+    allowed = onnx_tolerance(float(np.abs(want).max()), dim)
     if diff is None or not diff <= allowed:
         raise UserInputError(
-            f"{ONNX_FILE}: onnxruntime's scores differ from torch's (max |diff| {diff}, shape "
+            f"{file.name}: onnxruntime's scores differ from torch's (max |diff| {diff}, shape "
             f"{got.shape} vs {want.shape}; allowed {allowed:.2g}); nothing was written: export "
             "with --format safetensors, or try other torch / onnxruntime versions"
         )
     return diff
+
+
+def _write_onnx(classifier, file: Path) -> float:
+    """model.onnx from the classifier's scoring module, checked on random features."""
+    import torch
+
+    features = torch.randn(CHECK_ROWS, classifier.dim, generator=torch.Generator().manual_seed(0))
+    return _export_checked(
+        classifier.scorer.eval(), features, file, "image_features", classifier.dim
+    )
+
+
+def _load_recorded_clip(clip: dict[str, Any]):
+    """The CLIP the classifier's features were made by, on the CPU in fp32, from local weights
+    only: an open_clip tag would download them, which an export must not depend on."""
+    from candle_dist.features.clip_loading import NO_WEIGHTS, load_clip
+
+    model, pretrained = clip.get("model"), clip.get("pretrained")
+    if not model or model == "arrays" or pretrained is None:
+        raise UserInputError(
+            f"--with-image-tower: the run does not record the CLIP that made its features (model "
+            f"{model!r}, trained from arrays?): train from a store written by `candle-dist extract`"
+        )
+    if pretrained.lower() not in NO_WEIGHTS and not os.path.isfile(pretrained):
+        raise UserInputError(
+            f"--with-image-tower: the recorded CLIP weights {pretrained!r} (model {model}) are not "
+            "a local file: the weights must be available locally; export where that checkpoint "
+            "exists, or drop --with-image-tower"
+        )
+    return load_clip(model, pretrained, clip.get("model_config"), "cpu")[0].float()
+
+
+def _write_image_tower_onnx(
+    classifier, clip: dict[str, Any], file: Path
+) -> tuple[dict[str, Any], float]:
+    """TOWER_FILE: images in 0..1 -> CLIP normalization -> encode_image (fp32) -> scores, checked
+    on random images; its config.json record (file, image_size, mean, std) and the max diff."""
+    import torch
+
+    from candle_dist.features.transforms import PreprocessSpec
+
+    class ImageTower(torch.nn.Module):
+        """One graph, so that ONNX users need neither open_clip nor the normalization constants."""
+
+        def __init__(self, model: torch.nn.Module, spec: PreprocessSpec, scorer: torch.nn.Module):
+            super().__init__()
+            self.model, self.scorer = model, scorer
+            self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.scorer(self.model.encode_image((images - self.mean) / self.std))
+
+    model = _load_recorded_clip(clip)
+    spec = PreprocessSpec.from_model(model)
+    module = ImageTower(model, spec, classifier.scorer).eval()
+    images = torch.rand(CHECK_IMAGES, 3, *spec.size, generator=torch.Generator().manual_seed(0))
+    diff = _export_checked(module, images, file, "images", classifier.dim)
+    size = spec.size[0] if spec.size[0] == spec.size[1] else list(spec.size)
+    record = {"file": file.name, "image_size": size, "mean": list(spec.mean), "std": list(spec.std)}
+    return record, diff
 
 
 def run_classifier(final: Path, meta: dict[str, Any]):
@@ -278,6 +351,9 @@ def _use_and_limits(clip: dict[str, Any], classifier) -> list[str]:
         "- features in Python: `candle_dist.classifier.load(DIR).scores(features)` ([N, C])",
         f"- features elsewhere: `{ONNX_FILE}` (when exported with `--format onnx`), input "
         "`image_features` [N, D], output `scores` [N, C]",
+        f"- images elsewhere: `{TOWER_FILE}` (when exported with `--with-image-tower`), input "
+        "`images` [N, 3, H, W] RGB in 0..1, resized and cropped as the CLIP's preprocessing does "
+        "(H, W: config.json `onnx_image_tower`; normalized inside), output `scores` [N, C]",
         "",
         "## Limits",
         "",
@@ -329,6 +405,11 @@ def main(args: argparse.Namespace) -> int:
     from candle_dist.outputs import staged_dir
 
     formats = _formats(args.format)
+    if args.with_image_tower and "onnx" not in formats:
+        raise UserInputError(
+            f"--with-image-tower needs --format onnx (got --format {args.format}): add onnx, "
+            "e.g. --format safetensors,onnx"
+        )
     final = Path(args.checkpoint)
     classifier_file = final / "classifier.pt"
     if not classifier_file.is_file():
@@ -359,5 +440,11 @@ def main(args: argparse.Namespace) -> int:
         if "onnx" in formats:
             diff = _write_onnx(classifier, tmp / ONNX_FILE)
             written.append(f"{ONNX_FILE}: onnxruntime vs torch max |diff| {diff:.2g}")
+        if args.with_image_tower:
+            record, diff = _write_image_tower_onnx(classifier, clip, tmp / TOWER_FILE)
+            config = json.loads((tmp / "config.json").read_text())
+            config["onnx_image_tower"] = record
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            written.append(f"{TOWER_FILE}: onnxruntime vs torch max |diff| {diff:.2g}")
     print(f"wrote {out} ({', '.join(written)})")
     return 0

@@ -11,6 +11,7 @@ import torch
 
 from candle_dist.classifier import ExportedClassifier, load
 from candle_dist.cli import main
+from candle_dist.data.synthetic_features import make_synthetic_features
 from candle_dist.features.store import FeatureStore
 
 FILES = {"model.safetensors", "config.json", "classnames.txt", "README.md"}
@@ -101,6 +102,65 @@ def test_export_loads_without_the_training_code_and_predict_uses_it(run, stores,
     assert "holding other files" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def tiny_clip_run(tmp_path_factory):
+    """A one-epoch run on a store whose manifest records the tiny CLIP with random weights."""
+    from candle_dist.features.clip_loading import PACKAGE_CONFIGS
+
+    root = tmp_path_factory.mktemp("tower")
+    s = make_synthetic_features(8, 128, imbalance_ratio=2, max_count=10, num_new=2, seed=3)
+    FeatureStore.from_arrays(
+        root / "train",
+        s.train_features.numpy(),
+        s.train_labels.numpy(),
+        None,
+        text_features=s.text_features.numpy(),
+        classnames=s.classnames,
+        counts=s.counts.numpy(),
+        num_base_classes=s.num_base_classes,
+        model="tiny-clip",
+        pretrained="none",
+        model_config=str(PACKAGE_CONFIGS / "tiny-clip.json"),
+    )
+    argv = ["train", f"data.train={root / 'train'}", f"train.output={root / 'run'}"]
+    assert main([*argv, "optim.epochs=1", "head.num_heads=4"]) == 0
+    return root / "run"
+
+
+def test_export_with_image_tower_scores_images_like_clip_and_the_classifier(
+    tiny_clip_run, tmp_path, capsys
+):
+    import onnxruntime
+
+    from candle_dist.features.clip_loading import load_clip
+    from candle_dist.features.transforms import PreprocessSpec
+
+    out = tmp_path / "export"
+    argv = ["export", str(tiny_clip_run / "final"), "--output", str(out), "--format", "onnx"]
+    assert main([*argv, "--with-image-tower"]) == 0
+    assert "model_with_image_tower.onnx: onnxruntime vs torch" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {*FILES, "model.onnx", "model_with_image_tower.onnx"}
+    config = json.loads((out / "config.json").read_text())
+    clip = config["clip"]
+    model = load_clip(clip["model"], clip["pretrained"], clip["model_config"])[0]
+    spec = PreprocessSpec.from_model(model)
+    assert config["onnx_image_tower"] == {
+        "file": "model_with_image_tower.onnx",
+        "image_size": 64,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
+
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    with torch.no_grad():
+        want = load(out).scores(model.encode_image((images - mean) / std)).numpy()
+    session = onnxruntime.InferenceSession(str(out / "model_with_image_tower.onnx"))
+    (got,) = session.run(None, {"images": images.numpy()})
+    assert got.shape == (2, 8)
+    assert np.abs(got - want).max() <= 1e-4
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -109,6 +169,9 @@ def test_export_loads_without_the_training_code_and_predict_uses_it(run, stores,
         ("file", "is an existing file, not a folder"),
         ("no_onnxruntime", 'needs onnxruntime: pip install "candle_dist[export]"'),
         ("onnx_mismatch", "model.onnx: onnxruntime's scores differ from torch's (max |diff|"),
+        ("tower_without_onnx", "--with-image-tower needs --format onnx (got --format safetensors)"),
+        ("tower_from_arrays", "--with-image-tower: the run does not record the CLIP that made"),
+        ("tower_weights", "CLIP weights 'openai' (model ViT-B-32) are not a local file: the w"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(
@@ -134,6 +197,13 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     if case == "onnx_mismatch":
         argv += ["--format", "onnx"]
         monkeypatch.setattr("candle_dist.export.onnx_tolerance", lambda *args: -1.0)
+    if case == "tower_without_onnx":
+        argv += ["--with-image-tower"]
+    if case in ("tower_from_arrays", "tower_weights"):
+        argv += ["--format", "onnx", "--with-image-tower"]
+    if case == "tower_weights":
+        recorded = {"model": "ViT-B-32", "pretrained": "openai", "model_config": None}
+        monkeypatch.setattr("candle_dist.export.clip_record", lambda *args: recorded)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
