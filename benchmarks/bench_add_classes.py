@@ -170,11 +170,11 @@ def main() -> None:
         )
     print(
         f"{args.classes} classes ({args.new} new), tiny CLIP, {args.epochs} epochs; chance: "
-        f"{1 / args.classes:.3f} over all classes, {1 / args.new:.3f} among the new"
+        f"{1 / args.classes:.4f} over all classes, {1 / args.new:.4f} among the new"
     )
     print(f"{'classifier':<28}" + "".join(f"{k:>8}" for k in KEYS))
     for name, row in results.items():
-        cells = "".join(f"{row[k]:>8.3f}" if k in row else f"{'-':>8}" for k in KEYS)
+        cells = "".join(f"{row[k]:>8.4f}" if k in row else f"{'-':>8}" for k in KEYS)
         print(f"{name:<28}{cells}")
     print(f"({time.perf_counter() - start:.0f} s)")
 

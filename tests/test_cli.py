@@ -165,6 +165,7 @@ def test_train_summary_says_where_the_result_went_or_how_far_it_got():
     assert done.splitlines() == [
         "top1 0.5000  base 0.5000  new 0.5000  hm 0.5000  many -  medium 0.5000  few 0.5000",
         "wrote runs/x/final (head.pt, head_meta.json, classifier.pt)",
+        "metrics in runs/x/eval.json and runs/x/metrics.jsonl",
     ]
     partial = summary({"steps": 3, "total_steps": 8})
     assert partial == "stopped at step 3 of 8 (--max-steps); continue with --resume"

@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"{'method':<16}" + "".join(f"{c:>8}" for c in COLUMNS))
     for method, row in summary.items():
-        cells = "".join(f"{'-' if row[c] is None else f'{row[c]:.3f}':>8}" for c in COLUMNS)
+        cells = "".join(f"{'-' if row[c] is None else f'{row[c]:.4f}':>8}" for c in COLUMNS)
         print(f"{method:<16}{cells}")
     print(f"wrote {output / 'metrics.json'}, plots and checkpoints to {output}")
     print(f"try: candle-dist predict --checkpoint {output / 'candle_cla' / 'final'} IMAGE.jpg")

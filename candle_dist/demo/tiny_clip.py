@@ -311,7 +311,7 @@ def pretrain(seed: int = 0, steps: int = DEFAULT_STEPS) -> tuple[dict, dict]:
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
         report = {
             "model": MODEL_NAME,
             "seed": seed,
@@ -348,7 +348,7 @@ def main(args: argparse.Namespace) -> int:
     for key, row in report["zero_shot"].items():
         print(
             f"zero-shot top-1 over {row['num_classes']} classes ({key}): "
-            f"seen {row['seen_top1']:.3f}, held-out {row['held_out_top1']:.3f} "
-            f"({row['num_held_out']} held out), chance {row['chance']:.3f}"
+            f"seen {row['seen_top1']:.4f}, held-out {row['held_out_top1']:.4f} "
+            f"({row['num_held_out']} held out), chance {row['chance']:.4f}"
         )
     return 0

@@ -214,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
         levels = "  ".join(
             f"{level} {value:.4f}" for level, value in tax["top1"].items() if value is not None
         )
-        distance = "-" if tax["mean_distance"] is None else f"{tax['mean_distance']:.3f}"
+        distance = "-" if tax["mean_distance"] is None else f"{tax['mean_distance']:.4f}"
         print(f"top1 at {levels}  mean taxonomic distance of mistakes {distance}")
     if metrics["confused_pairs"]:
         print("most confused (true -> predicted: images):")

@@ -90,8 +90,12 @@ def summary(results: dict) -> str:
         keys = ("top1", "base", "new", "hm", "many", "medium", "few")
         lines.append("  ".join(f"{k} {'-' if m[k] is None else f'{m[k]:.4f}'}" for k in keys))
     if "final" in results:
-        final = results["final"]
+        final = Path(results["final"])
         lines.append(f"wrote {final} (head.pt, head_meta.json, classifier.pt)")
+        metrics = [final.parent / "metrics.jsonl"]
+        if "eval" in results:
+            metrics.insert(0, final.parent / "eval.json")
+        lines.append("metrics in " + " and ".join(str(path) for path in metrics))
     else:
         lines.append(
             f"stopped at step {results['steps']} of {results['total_steps']} (--max-steps); "
