@@ -36,8 +36,8 @@ FORMAT = "candle_dist.classifier/1"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CLASSNAMES_FILE = "classnames.txt"
-# the tensors and the scalar fields the scoring formula reads
-TENSORS = (
+# the trained parameters an image token passes through (projection, LayerNorm, attention, ratio)
+IMAGE_PARAMS = (
     "proj_image",
     "norm_weight",
     "norm_bias",
@@ -46,11 +46,9 @@ TENSORS = (
     "out_proj_weight",
     "out_proj_bias",
     "ratio",
-    "class_keys",
-    "class_values",
-    "text_columns",
-    "proto_columns",
 )
+# the tensors and the scalar fields the scoring formula reads
+TENSORS = (*IMAGE_PARAMS, "class_keys", "class_values", "text_columns", "proto_columns")
 SCALARS = ("num_base_classes", "num_heads", "scale", "visual_scale", "mask", "norm_eps")
 
 
@@ -58,17 +56,7 @@ SCALARS = ("num_base_classes", "num_heads", "scale", "visual_scale", "mask", "no
 # class tokens when classes are added (candle_dist/grow.py); scoring does not read them
 CLASS_INPUTS = ("proj_text", "class_prototypes", "class_texts")
 # the trained parameters `class_tokens` reads, besides num_heads and mask
-FUSION_PARAMS = (
-    "proj_image",
-    "proj_text",
-    "norm_weight",
-    "norm_bias",
-    "in_proj_weight",
-    "in_proj_bias",
-    "out_proj_weight",
-    "out_proj_bias",
-    "ratio",
-)
+FUSION_PARAMS = (*IMAGE_PARAMS, "proj_text")
 
 
 @torch.no_grad()

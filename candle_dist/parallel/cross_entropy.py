@@ -181,6 +181,30 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     return (row_max + _flushed_exp_(logits.sub_(row_max)).sum(1, keepdim=True).log()).squeeze(1)
 
 
+def _gradient_buffers(ctx, rows: torch.Tensor, cols: torch.Tensor, wide: torch.dtype):
+    """The rows' and columns' gradients to fill, in the accumulation dtype (None where autograd
+    needs none); the rows' are written chunk by chunk, the columns' accumulated."""
+    grad_rows = rows.new_empty(rows.shape, dtype=wide) if ctx.needs_input_grad[0] else None
+    grad_cols = cols.new_zeros(cols.shape, dtype=wide) if ctx.needs_input_grad[1] else None
+    return grad_rows, grad_cols
+
+
+def _chain_chunk(grad_logits, chunk, cols_mm, grad_rows, grad_cols, piece, scale, dtype) -> None:
+    """d loss / d logits of one chunk of rows (logits = scale * chunk @ cols^T) into the rows'
+    gradient (its slice `piece`) and the columns' (accumulated)."""
+    if grad_rows is not None:
+        matmul(grad_logits, cols_mm, dtype, out=grad_rows[piece]).mul_(scale)
+    if grad_cols is not None:
+        matmul_add_(grad_cols, grad_logits.t(), chunk, dtype, alpha=scale)
+
+
+def _in_input_dtypes(grad_rows, grad_cols, rows: torch.Tensor, cols: torch.Tensor) -> tuple:
+    return (
+        None if grad_rows is None else grad_rows.to(rows.dtype),
+        None if grad_cols is None else grad_cols.to(cols.dtype),
+    )
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, cols, scale, bias, targets, col_start, comm, chunk_rows, dtype, offset):
@@ -216,11 +240,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         scale, chunk_rows, dtype = ctx.scale, ctx.chunk_rows, ctx.dtype
         with autocast_off(rows.device):
             cols_mm = cols.to(dtype)
-            grad_rows = grad_cols = None
-            if ctx.needs_input_grad[0]:
-                grad_rows = rows.new_empty(rows.shape, dtype=bias.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_cols = cols.new_zeros(cols.shape, dtype=bias.dtype)
+            grad_rows, grad_cols = _gradient_buffers(ctx, rows, cols, bias.dtype)
             # minus the upstream gradient at each row's target column (0 where another rank owns
             # the target): a scatter, not an index of the owned rows, which would sync the host
             at_target = torch.where(owned, -grad_loss, torch.zeros_like(grad_loss))[:, None]
@@ -234,13 +254,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_logits = _flushed_exp_(logits.sub_(lse[piece, None]))
                 grad_logits.mul_(grad_loss[piece, None])
                 grad_logits.scatter_add_(1, local_target[piece, None], at_target[piece])
-                if grad_rows is not None:
-                    matmul(grad_logits, cols_mm, dtype, out=grad_rows[piece]).mul_(scale)
-                if grad_cols is not None:
-                    matmul_add_(grad_cols, grad_logits.t(), chunk, dtype, alpha=scale)
+                _chain_chunk(grad_logits, chunk, cols_mm, grad_rows, grad_cols, piece, scale, dtype)
         return (
-            None if grad_rows is None else grad_rows.to(rows.dtype),
-            None if grad_cols is None else grad_cols.to(cols.dtype),
+            *_in_input_dtypes(grad_rows, grad_cols, rows, cols),
             *[None] * 8,
         )
 
@@ -279,11 +295,7 @@ class _ChunkedColumnStatistics(torch.autograd.Function):
         with autocast_off(rows.device):
             cols_mm = cols.to(dtype)
             zero_bias = column_lse.new_zeros(cols.shape[0])
-            grad_rows = grad_cols = None
-            if ctx.needs_input_grad[0]:
-                grad_rows = rows.new_empty(rows.shape, dtype=column_lse.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_cols = cols.new_zeros(cols.shape, dtype=column_lse.dtype)
+            grad_rows, grad_cols = _gradient_buffers(ctx, rows, cols, column_lse.dtype)
             grad_lse, grad_sums = grad_lse.to(column_lse.dtype), grad_sums.to(column_lse.dtype)
             # each row's target column gets its class's upstream gradient of target_sums
             at_target = torch.where(
@@ -296,13 +308,9 @@ class _ChunkedColumnStatistics(torch.autograd.Function):
                 # d column_lse / d logits: the softmax down each column
                 grad_logits = _flushed_exp_(logits.sub_(column_lse)).mul_(grad_lse)
                 grad_logits.scatter_add_(1, local_target[piece, None], at_target[piece, None])
-                if grad_rows is not None:
-                    matmul(grad_logits, cols_mm, dtype, out=grad_rows[piece]).mul_(scale)
-                if grad_cols is not None:
-                    matmul_add_(grad_cols, grad_logits.t(), chunk, dtype, alpha=scale)
+                _chain_chunk(grad_logits, chunk, cols_mm, grad_rows, grad_cols, piece, scale, dtype)
         return (
-            None if grad_rows is None else grad_rows.to(rows.dtype),
-            None if grad_cols is None else grad_cols.to(cols.dtype),
+            *_in_input_dtypes(grad_rows, grad_cols, rows, cols),
             *[None] * 5,
         )
 
