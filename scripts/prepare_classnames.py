@@ -1,7 +1,10 @@
 """Copy the class lists and count profile the dataset configs use into configs/data/, recording
 where each came from.
 
-Example: python scripts/prepare_classnames.py --source-dir ../shared/data
+Example: python scripts/prepare_classnames.py --source-dir DOWNLOADS
+
+DOWNLOADS holds the datasets' published files under their published names (iNat 2018's
+categories.json saved as inat2018_categories.json, and the Places-LT / ImageNet-LT lists).
 
 Writes, in class-id order, one name per line (the format `candle-dist extract --classnames`
 reads):
@@ -19,13 +22,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE_DIR = ROOT.parent / "shared" / "data"
 DEFAULT_OUTPUT_DIR = ROOT / "configs" / "data"
 TAXONOMY = ("name", "genus", "family", "order", "class", "phylum", "kingdom", "supercategory")
 
@@ -99,7 +100,9 @@ SOURCES: list[tuple[str, str, Callable[[str], dict[str, str]], str]] = [
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source-dir", type=Path, default=DEFAULT_SOURCE_DIR)
+    parser.add_argument(
+        "--source-dir", type=Path, required=True, help="folder of the published source files"
+    )
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp.replace(out)
             record[name] = {
                 "dataset": dataset,
-                "source": os.path.relpath(source, ROOT),
+                "source": filename,
                 "source_sha256": sha256(data),
                 "sha256": sha256(text.encode("utf-8")),
                 "lines": text.count("\n"),
