@@ -19,6 +19,9 @@ rank finishes last) writes the text features of all class names, the labels, key
 last, manifest.json; a store without any sample is an error and stays incomplete.
 Images and class names are encoded under one autocast (--precision, candle_dist/precision.py),
 recorded in the store so that `predict` encodes its images the same way.
+--tokens also stores each image's final token states of the image tower ([T, W] float16 per
+image, candle_dist/features/tokens.py; --token-grid G pools them to 1 + G*G tokens), streamed
+into one file per shard and resumed the same way; a store's token setting cannot change.
 """
 
 from __future__ import annotations
@@ -65,12 +68,14 @@ from candle_dist.features.store import (
     DTYPES,
     MANIFEST,
     SHARD_DIR,
+    TokenWriter,
     file_sha256,
     finalize_store,
     read_part_record,
     shard_loss,
     write_part,
 )
+from candle_dist.features.tokens import TokenLayout, TokenTap, token_layout, token_projection
 from candle_dist.features.transforms import ImagePreprocessor, PreprocessSpec
 from candle_dist.outputs import check_output_dir
 from candle_dist.precision import PRECISIONS, autocast, resolve_precision
@@ -269,6 +274,7 @@ class _Settings:
     dtype: str
     precision: str
     progress: bool
+    tokens: TokenLayout | None = None
 
 
 @dataclass
@@ -277,6 +283,7 @@ class _ShardBuffer:
     labels: list = field(default_factory=list)
     keys: list = field(default_factory=list)
     problems: list = field(default_factory=list)
+    tokens: TokenWriter | None = None  # streams the shard's tokens to disk as they come
 
 
 @dataclass
@@ -374,6 +381,12 @@ def _check_identity(output: Path, identity: dict, record: dict) -> None:
     if existing is not None:
         store, command = f"store {output} ({source.name})", "this extract command"
         check_same(existing.get("provenance") or {}, record, store, command, fix=fix)
+        if existing.get("tokens") != identity["tokens"]:
+            raise UserInputError(
+                f"{store} and {command} do not match: tokens "
+                f"{_tokens_shown(existing.get('tokens'))} != {_tokens_shown(identity['tokens'])}"
+                f"; {fix}"
+            )
         for key, value in identity.items():
             if existing.get(key) != value:
                 raise UserInputError(
@@ -383,6 +396,14 @@ def _check_identity(output: Path, identity: dict, record: dict) -> None:
     if not path.is_file():
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({**identity, "provenance": record}, indent=1))
+
+
+def _tokens_shown(entry: dict | None) -> str:
+    """A store's token setting as the options that make it."""
+    if entry is None:
+        return "none (no --tokens)"
+    grid = "" if entry.get("grid") is None else f" --token-grid {entry['grid']}"
+    return f"--tokens{grid} ({entry.get('count')} x {entry.get('width')})"
 
 
 def _feature_dim(clip: torch.nn.Module, spec: PreprocessSpec, device: torch.device) -> int:
@@ -425,6 +446,18 @@ def _check_numbers(
         raise UserInputError(f"--split {split!r}: choose auto, train or eval")
 
 
+def _check_token_options(tokens: bool, token_grid: int | None) -> None:
+    """What can be told before the model is loaded (its grid bounds --token-grid from above)."""
+    if token_grid is None:
+        return
+    if not tokens:
+        raise UserInputError(
+            f"--token-grid {token_grid}: pools the stored tokens, so it needs --tokens"
+        )
+    if token_grid < 1:
+        raise UserInputError(f"--token-grid {token_grid}: give a whole number >= 1")
+
+
 def _weights(pretrained: str | None) -> str:
     """The --pretrained value, required: random weights only when asked for by name."""
     if pretrained is None or not pretrained.strip():
@@ -456,18 +489,23 @@ def extract(
     split: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    tokens: bool = False,
+    token_grid: int | None = None,
 ) -> dict:
     """Extract this rank's unfinished shards into the store `output`; finalize when all are done.
 
     `model` defaults to the stem of `model_config` when one is given, else ViT-B-32.
     `pretrained` is required: an open_clip tag, a checkpoint path, or "none" (random weights).
     `precision` (auto, bf16, fp32) is resolved on the device and recorded in the store.
+    `tokens` also stores the image tower's final token states, pooled to a `token_grid` x
+    `token_grid` grid when given (candle_dist/features/tokens.py).
     Everything the user gives is checked before anything is written.
 
     Returns this rank's figures: shards and samples done here, seconds in total, in the
     encoder and waiting for the loader, and whether the store was completed by this call.
     """
     _check_numbers(views, batch_size, workers, seed, dtype, split)
+    _check_token_options(tokens, token_grid)
     weights = _weights(pretrained)
     _check_store_dir(Path(output))
     templates = check_templates(templates)
@@ -482,6 +520,7 @@ def extract(
     clip, _, tokenizer = load_clip(model, weights, model_config, device=dev)
     spec = PreprocessSpec.from_model(clip)
     dim = _feature_dim(clip, spec, dev)
+    layout = token_layout(clip.visual, model, token_grid) if tokens else None
     identity = {
         "model": model,
         "pretrained": os.path.abspath(weights) if os.path.isfile(weights) else weights,
@@ -492,6 +531,7 @@ def extract(
         "precision": precision,
         "image_size": list(spec.size),
         "view_seed": seed,
+        "tokens": layout.entry() if layout else None,
     }
     record = provenance(
         plan.classnames,
@@ -513,12 +553,13 @@ def extract(
         say(
             f"rank {env.rank}/{env.world_size} ({env.launcher}): {len(jobs)} shard(s) to encode "
             f"of {len(plan.urls)}; {model} ({_weights_shown(weights)}), dim {dim}, "
-            f"{views} view(s), {dev}, {precision}, {workers} loader worker(s)",
+            f"{views} view(s), {_tokens_said(layout)}{dev}, {precision}, "
+            f"{workers} loader worker(s)",
             file=sys.stderr,
         )
         prep = ImagePreprocessor(spec, views=views, seed=seed)
         settings = _Settings(
-            dev, dim, views, batch_size, workers, strict, dtype, precision, progress
+            dev, dim, views, batch_size, workers, strict, dtype, precision, progress, layout
         )
         stats = _encode(clip, prep, jobs, plan, settings)
         stats.update(rank=env.rank, world_size=env.world_size, store=str(plan.output))
@@ -527,7 +568,7 @@ def extract(
             error = None
             if dist.get_rank() == 0:
                 try:
-                    _finalize(plan, clip, tokenizer, templates, info, identity, dev, strict)
+                    _finalize(plan, clip, tokenizer, templates, info, identity, dev, strict, layout)
                 except Exception as err:  # every rank stops with rank 0's message, none hangs
                     error = err
             message = [None if error is None else str(error)]
@@ -540,7 +581,7 @@ def extract(
         else:
             pending = [n for n in plan.names if read_part_record(plan.output, n) is None]
             if not pending:
-                _finalize(plan, clip, tokenizer, templates, info, identity, dev, strict)
+                _finalize(plan, clip, tokenizer, templates, info, identity, dev, strict, layout)
             stats["finalized"] = not pending
         manifest = json.loads((plan.output / MANIFEST).read_text()) if stats["finalized"] else None
         stats.update(
@@ -561,6 +602,7 @@ def _encode(clip, prep: ImagePreprocessor, jobs: list[_Job], plan: _Plan, run: _
     start = time.perf_counter()
     if jobs:
         clip = clip.to(memory_format=torch.channels_last)
+        tap = TokenTap(clip.visual, run.tokens) if run.tokens else None
         loader = DataLoader(
             _ShardBatches(jobs, prep, run.batch_size, len(plan.classnames)),
             batch_size=None,
@@ -569,7 +611,8 @@ def _encode(clip, prep: ImagePreprocessor, jobs: list[_Job], plan: _Plan, run: _
             prefetch_factor=4 if run.workers else None,
         )
         buffers: dict[int, _ShardBuffer] = {}
-        with tqdm(total=len(jobs), unit="shard", disable=not run.progress, file=sys.stderr) as bar:
+        bar = tqdm(total=len(jobs), unit="shard", disable=not run.progress, file=sys.stderr)
+        try:
             batches = iter(loader)
             while True:
                 tick = time.perf_counter()
@@ -577,14 +620,20 @@ def _encode(clip, prep: ImagePreprocessor, jobs: list[_Job], plan: _Plan, run: _
                 wait_s += time.perf_counter() - tick
                 if batch is None:
                     break
-                buffer = buffers.setdefault(batch["job"], _ShardBuffer())
+                buffer = buffers.get(batch["job"])
+                if buffer is None:
+                    buffer = buffers[batch["job"]] = _new_buffer(plan, batch["job"], run)
                 url = plan.urls[batch["job"]]
                 if run.strict and batch["problems"]:
                     raise UserInputError(_strict_error(url, batch))
                 tick = time.perf_counter()
+                tokens = None
                 if len(batch["keys"]):
-                    buffer.features.append(_encode_batch(clip, prep, batch["pixels"], run))
+                    features, tokens = _encode_batch(clip, prep, batch["pixels"], run, tap)
+                    buffer.features.append(features)
                 encoder_s += time.perf_counter() - tick
+                if tokens is not None:
+                    buffer.tokens.append(tokens)
                 buffer.labels += batch["labels"].tolist()
                 buffer.keys += batch["keys"]
                 buffer.problems += batch["problems"]
@@ -597,6 +646,13 @@ def _encode(clip, prep: ImagePreprocessor, jobs: list[_Job], plan: _Plan, run: _
                     bar.update(1)
                     rate = stats["samples_done"] / (time.perf_counter() - start)
                     bar.set_postfix(img_s=f"{rate:.1f}")
+        finally:
+            bar.close()
+            for unfinished in buffers.values():
+                if unfinished.tokens is not None:
+                    unfinished.tokens.discard()
+            if tap is not None:
+                tap.remove()
     stats.update(
         seconds=time.perf_counter() - start, encoder_seconds=encoder_s, loader_wait_seconds=wait_s
     )
@@ -617,16 +673,26 @@ def _strict_error(url: str, batch: dict) -> str:
     )
 
 
+def _new_buffer(plan: _Plan, index: int, run: _Settings) -> _ShardBuffer:
+    """The buffer of a shard whose first batch has come; its tokens go straight to disk."""
+    if run.tokens is None:
+        return _ShardBuffer()
+    count, width = run.tokens.count, run.tokens.width
+    return _ShardBuffer(tokens=TokenWriter(plan.output, plan.names[index], count, width))
+
+
 def _encode_batch(
-    clip, prep: ImagePreprocessor, pixels: torch.Tensor, run: _Settings
-) -> np.ndarray:
-    """[b, 1 + K, 3, H, W] uint8 pixels -> [b, 1 + K, D] float32 features."""
+    clip, prep: ImagePreprocessor, pixels: torch.Tensor, run: _Settings, tap: TokenTap | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """[b, 1 + K, 3, H, W] uint8 pixels -> [b, 1 + K, D] float32 features and, with `tap`, the
+    original images' [b, T, W] float16 tokens from the same forward pass."""
     b, v = pixels.shape[:2]
     x = prep.normalize(pixels.flatten(0, 1).to(run.device, non_blocking=True))
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(run.device, run.precision):
         features = clip.encode_image(x)
-    return features.float().cpu().numpy().reshape(b, v, -1)
+        tokens = tap.take(v).cpu().numpy() if tap is not None else None
+    return features.float().cpu().numpy().reshape(b, v, -1), tokens
 
 
 def _write_shard(plan: _Plan, batch: dict, buffer: _ShardBuffer, run: _Settings) -> None:
@@ -641,6 +707,7 @@ def _write_shard(plan: _Plan, batch: dict, buffer: _ShardBuffer, run: _Settings)
         buffer.keys,
         views=encoded[:, 1:] if run.views else None,
         dtype=run.dtype,
+        tokens=buffer.tokens.close() if buffer.tokens is not None else None,
         url=plan.urls[index],
         skipped=buffer.problems,
         input_sha256=batch["input_sha256"],
@@ -652,7 +719,15 @@ def _write_shard(plan: _Plan, batch: dict, buffer: _ShardBuffer, run: _Settings)
 
 
 def _finalize(
-    plan: _Plan, clip, tokenizer, templates, info, identity: dict, dev, strict: bool
+    plan: _Plan,
+    clip,
+    tokenizer,
+    templates,
+    info,
+    identity: dict,
+    dev,
+    strict: bool,
+    layout: TokenLayout | None,
 ) -> None:
     """Text features, labels, keys, counts and, last, the manifest; a store without samples
     (or, with --strict, with losses, met in an earlier run) stays incomplete: an error."""
@@ -695,7 +770,9 @@ def _finalize(
         plan.classnames,
         plan.counts,
         plan.num_base,
-        **{k: v for k, v in identity.items() if k not in ("dim", "dtype", "num_views")},
+        **{k: v for k, v in identity.items() if k not in ("dim", "dtype", "num_views", "tokens")},
+        tokens=identity["tokens"],
+        token_projection=token_projection(clip.visual, layout) if layout else None,
         logit_scale=float(clip.logit_scale.detach().float().cpu()),
         templates=list(templates),
         split=plan.split,
@@ -703,6 +780,11 @@ def _finalize(
     )
     for stale in (plan.output / SHARD_DIR).glob(".*.tmp-*"):
         stale.unlink(missing_ok=True)
+
+
+def _tokens_said(layout: TokenLayout | None) -> str:
+    """The first line's word on tokens: how many of which width, when stored."""
+    return f"tokens {layout.count} x {layout.width}, " if layout else ""
 
 
 def _weights_shown(weights: str) -> str:
@@ -821,6 +903,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train: counts = stored labels; eval: counts from counts.tsv (auto: by shard name)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
+    parser.add_argument(
+        "--tokens",
+        action="store_true",
+        help="also store each image's final token states of the image tower, fp16, for heads "
+        "that attend within an image (ViT: class + patch tokens before proj; ResNet: mean + "
+        "feature-map positions). Costly: ViT-B/16 at iNat 2018 (437,513 images) is 197 tokens "
+        "x 768 x 2 bytes = 132 GB; a 7 x 7 grid (50 tokens) = 34 GB",
+    )
+    parser.add_argument(
+        "--token-grid",
+        type=int,
+        default=None,
+        metavar="G",
+        help="with --tokens: average-pool the patch grid (ResNet: feature map) to G x G, "
+        "token 0 kept first: 1 + G*G tokens (default: not set, every token)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -854,4 +952,6 @@ def _run(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         split=args.split,
         seed=args.seed,
+        tokens=args.tokens,
+        token_grid=args.token_grid,
     )

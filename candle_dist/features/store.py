@@ -7,12 +7,18 @@ Layout of a store directory (every file written under a temporary name, then ren
                           lost (skipped as damaged, or unread past a truncation)
     shards/NAME.npy       features [n, D] of input shard NAME (float16 or float32)
     shards/NAME.views.npy augmented views [n, K, D], when extracted with --views K
+    shards/NAME.tokens.npy token states [n, T, W] float16, when extracted with --tokens
+                          (candle_dist/features/tokens.py says what they are)
     shards/NAME.json      the shard's record (keys, labels, skipped samples, checksums);
                           written after its arrays, so it marks the shard as done
     labels.npy, keys.txt  all samples' labels [N] and keys, in manifest shard order
     text_features.npy     [C, D] float32 text features of every class
     classnames.txt        one name per line, class id = line index
     counts.tsv            class_id, name, training count, base|new
+    token_projection.npy, token_projection_bias.npy
+                          with --tokens: [W, D] and [D] float32, the affine map of token 0
+                          into the image embedding space (the manifest's `tokens` entry
+                          records T, W, the --token-grid and the tower kind)
 
 `FeatureStore(path)` opens it without reading the features: `store.features[idx]` reads the
 rows it is asked for from the shard files, so iNaturalist-sized stores open at once.
@@ -21,12 +27,14 @@ Example:
     store = FeatureStore("features/train")
     x = store.features[np.array([3, 17, 42])]      # [3, D] float32
     y = store.labels[[3, 17, 42]]
+    t = store.tokens[np.array([3, 17])]            # [2, T, W] float16, with --tokens
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +56,8 @@ FORMAT = "candle-dist-feature-store/1"
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 DTYPES = ("float16", "float32")
+TOKENS_HEADER = 256  # bytes reserved for the .npy header of a streamed token file
+TOKEN_PROJECTION = ("token_projection.npy", "token_projection_bias.npy")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -69,8 +79,10 @@ def read_part_record(store: str | Path, name: str) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    features = Path(store) / SHARD_DIR / record.get("features_file", "")
-    return record if features.is_file() else None
+    folder = Path(store) / SHARD_DIR
+    arrays = [record.get("features_file", "")]
+    arrays += [record["tokens_file"]] if "tokens_file" in record else []
+    return record if all((folder / name).is_file() for name in arrays) else None
 
 
 def shard_loss(record: dict) -> tuple[int, bool]:
@@ -83,6 +95,71 @@ def shard_loss(record: dict) -> tuple[int, bool]:
     return len(record.get("skipped", [])), record.get("damaged_after") is not None
 
 
+class TokenWriter:
+    """One shard's token states streamed into shards/NAME.tokens.npy, [n, T, W] float16.
+
+    Rows go to a temporary file behind a reserved header, written with the final row count
+    before the rename: 1,000 ViT-B/16 images hold 300 MB of tokens, too much to keep in memory
+    for every shard in flight. A killed run leaves a temporary file, not a token file: the
+    rerun writes the shard anew, and finishing the store removes the leftover.
+    """
+
+    def __init__(self, store: str | Path, name: str, count: int, width: int):
+        folder = Path(store) / SHARD_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{name}.tokens.npy"
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.row_shape = (int(count), int(width))
+        self.rows = 0
+        self._handle = open(self.tmp, "wb")  # noqa: SIM115 (closed by close or discard)
+        self._handle.write(bytes(TOKENS_HEADER))
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float16)
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(
+                f"{self.path.name}: rows {rows.shape}, expected [n, *{self.row_shape}]"
+            )
+        self._handle.write(rows.tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> dict:
+        """Write the header, move the file into place; returns the record's token fields."""
+        self._handle.seek(0)
+        self._handle.write(_npy_header((self.rows, *self.row_shape), np.float16, TOKENS_HEADER))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self.tmp, self.path)
+        return {
+            "tokens_file": self.path.name,
+            "tokens_sha256": file_sha256(self.path),
+            "num_tokens": self.row_shape[0],
+            "token_width": self.row_shape[1],
+            "token_rows": self.rows,
+        }
+
+    def discard(self) -> None:
+        self._handle.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _npy_header(shape: tuple[int, ...], dtype, size: int) -> bytes:
+    """A .npy (version 1.0) header of exactly `size` bytes, padded with spaces as numpy pads."""
+    fields = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
+    text = repr({**fields, "shape": tuple(shape)}).encode("latin1")
+    body = size - 10  # magic, version and the header length come first
+    return b"\x93NUMPY\x01\x00" + body.to_bytes(2, "little") + text.ljust(body - 1) + b"\n"
+
+
+def write_tokens(store: str | Path, name: str, tokens: np.ndarray) -> dict:
+    """Write one shard's in-memory tokens [n, T, W]; returns the record's token fields."""
+    tokens = np.asarray(tokens)
+    writer = TokenWriter(store, name, tokens.shape[1], tokens.shape[2])
+    writer.append(tokens)
+    return writer.close()
+
+
 def write_part(
     store: str | Path,
     name: str,
@@ -91,9 +168,13 @@ def write_part(
     keys: Sequence[str],
     views: np.ndarray | None = None,
     dtype: str = "float16",
+    tokens: dict | None = None,
     **info,
 ) -> dict:
-    """Write one shard's arrays, then its record (which marks it done); returns the record."""
+    """Write one shard's arrays, then its record (which marks it done); returns the record.
+
+    `tokens` are the fields of its token file, already written (TokenWriter, write_tokens).
+    """
     folder = Path(store) / SHARD_DIR
     folder.mkdir(parents=True, exist_ok=True)
     features = np.asarray(features)
@@ -101,6 +182,8 @@ def write_part(
         raise ValueError(
             f"shard {name}: features {features.shape}, {len(labels)} labels, {len(keys)} keys"
         )
+    if tokens is not None and tokens["token_rows"] != len(keys):
+        raise ValueError(f"shard {name}: {tokens['token_rows']} token rows, {len(keys)} keys")
     atomic_save_npy(folder / f"{name}.npy", features.astype(dtype))
     record = {
         "name": name,
@@ -110,6 +193,7 @@ def write_part(
         "features_file": f"{name}.npy",
         "sha256": file_sha256(folder / f"{name}.npy"),
         "num_views": 0,
+        **(tokens or {}),
         **info,
         "keys": list(keys),
         "labels": [int(label) for label in labels],
@@ -130,12 +214,17 @@ def finalize_store(
     classnames: Sequence[str],
     counts: np.ndarray | None,
     num_base_classes: int,
+    *,
+    tokens: dict | None = None,
+    token_projection: tuple[np.ndarray, np.ndarray] | None = None,
     **manifest_fields,
 ) -> dict:
     """Gather the finished shards into labels/keys/counts/text files and write the manifest.
 
     `counts=None` counts the stored labels (a training split); otherwise they are the
-    training counts given (an evaluation split). Returns the manifest.
+    training counts given (an evaluation split). `tokens` describes the shards' token files
+    (grid, tower: the manifest's `tokens` entry, T and W taken from the shards) and
+    `token_projection` is the (matrix [W, D], bias [D]) stored beside them. Returns the manifest.
     """
     store = Path(store)
     text_features = np.asarray(text_features, dtype=np.float32)
@@ -153,6 +242,8 @@ def finalize_store(
             f"{store}: shards disagree on dim {sorted(dims)}, views {sorted(views)} or dtype "
             f"{sorted(dtypes)}; extract into an empty directory"
         )
+    dim = dims.pop()
+    token_entry = _token_entry(store, records, tokens, token_projection, dim)
     num_classes = len(classnames)
     labels = np.asarray([lab for r in records for lab in r["labels"]], dtype=np.int64)
     if counts is None:
@@ -170,6 +261,9 @@ def finalize_store(
     atomic_save_npy(store / "text_features.npy", text_features)
     write_classnames(store / "classnames.txt", classnames)
     write_counts_tsv(store / "counts.tsv", classnames, counts, num_base_classes)
+    if token_projection is not None:
+        for filename, array in zip(TOKEN_PROJECTION, token_projection, strict=True):
+            atomic_save_npy(store / filename, np.asarray(array, dtype=np.float32))
     skipped = [{"shard": r["name"], **problem} for r in records for problem in r.get("skipped", [])]
     shard_fields = (
         "name",
@@ -183,7 +277,6 @@ def finalize_store(
         "damage",
     )
     losses = [shard_loss(r) for r in records]
-    dim = dims.pop()
     manifest = {
         "format": FORMAT,
         **manifest_fields,
@@ -197,6 +290,7 @@ def finalize_store(
         "dim": dim,
         "dtype": dtypes.pop(),
         "num_views": views.pop(),
+        "tokens": token_entry,
         "num_samples": len(labels),
         "num_classes": num_classes,
         "num_base_classes": int(num_base_classes),
@@ -209,7 +303,7 @@ def finalize_store(
                 **{k: r[k] for k in shard_fields if r.get(k) is not None},
                 "num_skipped": len(r.get("skipped", [])),
                 "num_lost": lost,
-                **({"views_sha256": r["views_sha256"]} if "views_sha256" in r else {}),
+                **{k: r[k] for k in ("views_sha256", "tokens_sha256") if k in r},
             }
             for r, (lost, _) in zip(records, losses, strict=True)
         ],
@@ -218,18 +312,53 @@ def finalize_store(
     return manifest
 
 
+def _token_entry(
+    store: Path,
+    records: list[dict],
+    tokens: dict | None,
+    projection: tuple[np.ndarray, np.ndarray] | None,
+    dim: int,
+) -> dict | None:
+    """The manifest's `tokens` entry, checked against the shards' token files."""
+    shapes = {(r.get("num_tokens"), r.get("token_width")) for r in records}
+    if len(shapes) > 1 or any((count is None) == (tokens is not None) for count, _ in shapes):
+        raise UserInputError(
+            f"{store}: the shards' token files (T, W) {sorted(shapes, key=str)} do not agree "
+            f"with each other or with this extraction ({'with' if tokens else 'without'} "
+            "--tokens); extract into an empty directory"
+        )
+    if tokens is None:
+        return None
+    count, width = records[0]["num_tokens"], records[0]["token_width"]
+    if projection is not None and (
+        np.shape(projection[0]) != (width, dim) or np.shape(projection[1]) != (dim,)
+    ):
+        raise ValueError(
+            f"token projection {np.shape(projection[0])} + {np.shape(projection[1])}, "
+            f"expected ({width}, {dim}) + ({dim},)"
+        )
+    return {**tokens, "count": count, "width": width, "projection": projection is not None}
+
+
 class ShardedRows:
-    """Rows stored across several .npy files, read as one [N, ...] float32 array.
+    """Rows stored across several .npy files, read as one [N, ...] array of `dtype`.
 
     Files are memory-mapped when first touched and at most `max_open` stay mapped, so stores
     with thousands of shards stay under the open-file limit. Indexing takes an int, a slice
-    or an integer array and returns float32.
+    or an integer array and returns `dtype` (float32; float16 keeps token reads half size).
     """
 
-    def __init__(self, paths: Sequence[Path], lengths: Sequence[int], row_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        lengths: Sequence[int],
+        row_shape: tuple[int, ...],
+        dtype: type = np.float32,
+    ):
         self.paths = list(paths)
         self.starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self.row_shape = tuple(row_shape)
+        self._dtype = np.dtype(dtype)
         self.max_open = 256
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -239,7 +368,7 @@ class ShardedRows:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(np.float32)
+        return self._dtype
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -267,7 +396,7 @@ class ShardedRows:
             raise IndexError(f"index out of range for {n} rows")
         flat = np.where(flat < 0, flat + n, flat)
         row_shape = self.row_shape if sub is None else self.row_shape[1:]
-        out = np.empty((flat.size, *row_shape), dtype=np.float32)
+        out = np.empty((flat.size, *row_shape), dtype=self._dtype)
         part = np.searchsorted(self.starts, flat, side="right") - 1
         for p in np.unique(part):
             where = np.nonzero(part == p)[0]
@@ -334,6 +463,23 @@ class FeatureStore:
             if self.num_views
             else None
         )
+        self.token_info: dict | None = self.manifest.get("tokens")
+        self.tokens: ShardedRows | None = None
+        self.token_projection: tuple[np.ndarray, np.ndarray] | None = None
+        if self.token_info is not None:
+            count, width = int(self.token_info["count"]), int(self.token_info["width"])
+            self.tokens = ShardedRows(
+                [folder / f"{s['name']}.tokens.npy" for s in shards],
+                lengths,
+                (count, width),
+                np.float16,
+            )
+            if self.token_info.get("projection"):
+                matrix, bias = TOKEN_PROJECTION
+                self.token_projection = (
+                    self._load_npy(matrix, (width, self.dim)).astype(np.float32),
+                    self._load_npy(bias, (self.dim,)).astype(np.float32),
+                )
         self.labels = self._load_npy("labels.npy", (len(self.features),)).astype(np.int64)
         self.classnames = read_classnames(self.path / "classnames.txt")
         self.counts, _ = read_counts_tsv(self.path / "counts.tsv", len(self.classnames))
@@ -417,12 +563,17 @@ class FeatureStore:
         views: np.ndarray | None = None,
         dtype: str = "float32",
         samples_per_shard: int = 100_000,
+        tokens: np.ndarray | None = None,
+        token_projection: tuple[np.ndarray, np.ndarray] | None = None,
+        token_info: dict | None = None,
         **manifest_fields,
     ) -> FeatureStore:
         """Write a store from in-memory arrays (tests, demos, synthetic features) and open it.
 
         `keys=None` numbers the samples; `counts=None` counts `labels`; `manifest_fields`
-        (e.g. model=..., logit_scale=...) go into the manifest.
+        (e.g. model=..., logit_scale=...) go into the manifest. `tokens` [N, T, W] are stored
+        as float16 with `token_projection` (matrix [W, D], bias [D]) beside them; `token_info`
+        fills their manifest entry (grid, tower, source_grid; unknown: None).
         """
         path = Path(path)
         if (path / MANIFEST).exists():
@@ -433,6 +584,9 @@ class FeatureStore:
         for start in range(0, max(len(labels), 1), samples_per_shard):
             stop = start + samples_per_shard
             name = f"part-{start // samples_per_shard:06d}"
+            part_tokens = None
+            if tokens is not None:
+                part_tokens = write_tokens(path, name, np.asarray(tokens)[start:stop])
             write_part(
                 path,
                 name,
@@ -441,8 +595,22 @@ class FeatureStore:
                 keys[start:stop],
                 views=None if views is None else np.asarray(views)[start:stop],
                 dtype=dtype,
+                tokens=part_tokens,
             )
             names.append(name)
         fields = {"model": "arrays", "pretrained": "none", "split": "train", **manifest_fields}
-        finalize_store(path, names, text_features, classnames, counts, num_base_classes, **fields)
+        token_entry = None
+        if tokens is not None:
+            token_entry = {"tower": None, "grid": None, "source_grid": None, **(token_info or {})}
+        finalize_store(
+            path,
+            names,
+            text_features,
+            classnames,
+            counts,
+            num_base_classes,
+            tokens=token_entry,
+            token_projection=token_projection,
+            **fields,
+        )
         return cls(path)

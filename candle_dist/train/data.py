@@ -22,7 +22,9 @@ CLIP_FIELDS = ("model", "pretrained", "model_config", "dim", "precision")
 @dataclass
 class TrainingData:
     """Training split. `features` is any [N, D] array indexable by an int array (memory-mapped
-    stores included); `views(indices, view_ids)` gives augmented views when `num_views` > 0."""
+    stores included); `views(indices, view_ids)` gives augmented views when `num_views` > 0;
+    `tokens` is an [N, T, W] array of image token states (stores extracted with --tokens) and
+    `token_projection` the (matrix [W, D], bias [D]) mapping token 0 to the features' space."""
 
     features: Any
     labels: np.ndarray
@@ -38,6 +40,8 @@ class TrainingData:
     # what the features were made from (candle_dist.provenance); default: the class list, the
     # text features' dimension and `clip`
     provenance: dict[str, Any] | None = None
+    tokens: Any = None
+    token_projection: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.provenance is None:
@@ -62,6 +66,15 @@ class TrainingData:
             rows = self.features[indices]
         return torch.as_tensor(np.asarray(rows, dtype=np.float32))
 
+    def token_rows(self, indices: np.ndarray) -> torch.Tensor:
+        """Float32 token rows [n, T, W] for these sample indices."""
+        if self.tokens is None:
+            raise UserInputError(
+                f"{self.source}: no token features; extract the store with `candle-dist "
+                "extract --tokens` into a new --output"
+            )
+        return torch.as_tensor(np.asarray(self.tokens[indices], dtype=np.float32))
+
 
 @dataclass
 class EvalData:
@@ -69,6 +82,7 @@ class EvalData:
     labels: np.ndarray
     source: str = "memory"
     provenance: dict[str, Any] | None = None  # None: not recorded, not compared
+    tokens: Any = None  # [N, T, W] token states, when the store has them
 
 
 def training_data_from_synthetic(synthetic) -> tuple[TrainingData, EvalData]:
@@ -105,6 +119,8 @@ def training_data_from_store(path: str) -> TrainingData:
         source=str(path),
         clip={k: store.manifest.get(k) for k in CLIP_FIELDS},
         provenance=store_provenance(store),
+        tokens=store.tokens,
+        token_projection=store.token_projection,
     )
 
 
@@ -113,7 +129,7 @@ def eval_data_from_store(path: str) -> EvalData:
 
     store = FeatureStore(path)
     labels = np.asarray(store.labels, dtype=np.int64)
-    return EvalData(store.features, labels, str(path), store_provenance(store))
+    return EvalData(store.features, labels, str(path), store_provenance(store), store.tokens)
 
 
 def store_provenance(store) -> dict[str, Any]:
@@ -154,6 +170,11 @@ def validate(train: TrainingData, val: EvalData | None = None, chunk: int = 6553
         )
     for split in [train, *([val] if val is not None else [])]:
         labels = np.asarray(split.labels)
+        if split.tokens is not None and len(split.tokens) != len(labels):
+            raise UserInputError(
+                f"{split.source}: {len(split.tokens)} token rows but {len(labels)} labels; "
+                "re-extract the store"
+            )
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
             bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
             raise UserInputError(
