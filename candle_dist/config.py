@@ -9,6 +9,7 @@ any work starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -50,8 +51,16 @@ class ClipConfig:
 
 @dataclass
 class HeadConfig:
-    """CandleHead options (docs/method.md)."""
+    """The head: Candle (docs/method.md) or a baseline of docs/baselines.md."""
 
+    # candle (prototypes + fusion over pooled features), decoder (transformer blocks over the
+    # store's token features, `extract --tokens`) or linear (a probe on pooled features)
+    type: str = "candle"
+    # decoder/linear: the classifier starts from the class text features (zero-shot) or random
+    init: str = "text"
+    depth: int = 3  # decoder: pre-norm transformer blocks
+    decoder_heads: int = 4  # decoder: attention heads per block
+    mlp_ratio: float = 0.5  # decoder: MLP hidden width / token width
     mask: str = "none"
     virtual_init: str = "text"
     tie_virtual_to_text: bool = True
@@ -126,6 +135,17 @@ class TrainConfig:
 
 
 @dataclass
+class Stage2Config:
+    """Second-stage training of a decoder/linear run's classifier (docs/baselines.md)."""
+
+    # the trained run to start from (its final/ or best/ folder); "" = no second stage
+    source: str = field(default="", metadata={"key": "from"})
+    # crt (re-train the classifier), lws (a learned scale per class), disalign (gated per-class
+    # scale and bias), marc (per-class a_c z_c + b_c ||w_c||); the representation stays frozen
+    method: str = "crt"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -133,9 +153,17 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Sections by their YAML keys (`stage2.from`), as `load_config` reads them."""
+        return {
+            section.name: {
+                _key(f): copy.deepcopy(getattr(getattr(self, section.name), f.name))
+                for f in dataclasses.fields(getattr(self, section.name))
+            }
+            for section in dataclasses.fields(self)
+        }
 
     def validate(self) -> None:
         """A UserInputError naming the first value a run could not use meaningfully.
@@ -157,12 +185,20 @@ class Config:
                 raise UserInputError(f"{key}={value!r} {requirement}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Config from a YAML file (or defaults), then `section.key=value` overrides applied."""
+def load_config(
+    path: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    *,
+    source: str | None = None,
+) -> Config:
+    """Config from a YAML file (or already-read sections, or defaults), then `section.key=value`
+    overrides applied. Errors name `source` (default: the file, or "defaults")."""
     raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
+    if isinstance(path, dict):
+        raw = copy.deepcopy(path)
+        source = source or "config"
+    elif path is not None:
+        source = source or str(path)
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
@@ -171,6 +207,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserInputError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise UserInputError(f"config file {path} must hold a mapping of sections")
+    source = source or "defaults"
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -198,18 +235,22 @@ def _choices(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
     """(key, value, valid values) of every option that names one of a fixed set."""
     from candle_dist.model.fusion import MASK_MODES
     from candle_dist.model.head import VIRTUAL_INITS
+    from candle_dist.model.heads import CLASSIFIER_INITS, HEAD_TYPES, STAGE2_METHODS
     from candle_dist.model.losses import LOSSES
     from candle_dist.precision import PRECISIONS
     from candle_dist.train.sampler import SAMPLERS
 
     return [
         ("clip.precision", cfg.clip.precision, PRECISIONS),
+        ("head.type", cfg.head.type, HEAD_TYPES),
+        ("head.init", cfg.head.init, CLASSIFIER_INITS),
         ("head.mask", cfg.head.mask, MASK_MODES),
         ("head.virtual_init", cfg.head.virtual_init, VIRTUAL_INITS),
         ("loss.name", cfg.loss.name, tuple(LOSSES)),
         ("train.precision", cfg.train.precision, PRECISIONS),
         ("train.sampler", cfg.train.sampler, tuple(SAMPLERS)),
         ("train.select_on", cfg.train.select_on, ("", *SELECTABLE)),
+        ("stage2.method", cfg.stage2.method, STAGE2_METHODS),
     ]
 
 
@@ -223,6 +264,9 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, bool, str]]:
         ("clip.views", c.views, c.views >= 0, "must be 0 (no augmented views) or more"),
         ("head.visual_scale", h.visual_scale, h.visual_scale >= 0, "must be 0 or more"),
         ("head.num_heads", h.num_heads, h.num_heads >= 1, at_least_one),
+        ("head.depth", h.depth, h.depth >= 0, "must be 0 (the tokens' first one as is) or more"),
+        ("head.decoder_heads", h.decoder_heads, h.decoder_heads >= 1, at_least_one),
+        ("head.mlp_ratio", h.mlp_ratio, h.mlp_ratio > 0, "must be positive (e.g. 0.5)"),
         ("head.attn_dropout", h.attn_dropout, 0 <= h.attn_dropout < 1, "must be in [0, 1)"),
         ("head.chunk_rows", h.chunk_rows, h.chunk_rows >= 1, at_least_one),
         ("loss.tau", loss.tau, loss.tau >= 0, "must be 0 or more (the logit adjustment's weight)"),
@@ -272,28 +316,33 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, bool, str]]:
     ]
 
 
+def _key(f: dataclasses.Field) -> str:
+    """A field's config key: its name, or `metadata["key"]` where the key is a Python keyword."""
+    return f.metadata.get("key", f.name)
+
+
 def _build(cls: type, raw: dict[str, Any], source: str, where: str):
     if not isinstance(raw, dict):
         raise UserInputError(f"{source}: {where or 'top level'} must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
+    keys = {_key(f): f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(keys))
     if unknown:
         place = f"section '{where}'" if where else "top level"
         raise UserInputError(
             f"{source}: unknown key(s) {', '.join(unknown)} in {place}; valid keys: "
-            f"{', '.join(names)}"
+            f"{', '.join(keys)}"
         )
     values = {}
-    for name in names:
-        if name not in raw:
+    for key_name, name in keys.items():
+        if key_name not in raw:
             continue
-        key = f"{where}.{name}" if where else name
+        key = f"{where}.{key_name}" if where else key_name
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], source, key)
+            values[name] = _build(hint, raw[key_name], source, key)
         else:
-            values[name] = _coerce(raw[name], hint, source, key)
+            values[name] = _coerce(raw[key_name], hint, source, key)
     return cls(**values)
 
 

@@ -402,6 +402,7 @@ def model_card(
 
 def main(args: argparse.Namespace) -> int:
     from candle_dist.classifier import write_directory
+    from candle_dist.model.heads import require_candle_run
     from candle_dist.outputs import staged_dir
 
     formats = _formats(args.format)
@@ -411,6 +412,7 @@ def main(args: argparse.Namespace) -> int:
             "e.g. --format safetensors,onnx"
         )
     final = Path(args.checkpoint)
+    require_candle_run(final, "export")
     classifier_file = final / "classifier.pt"
     if not classifier_file.is_file():
         raise UserInputError(

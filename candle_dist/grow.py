@@ -135,9 +135,11 @@ def load_source(path: str) -> tuple[Any, dict[str, Any]]:
     pretrained, model_config, precision, templates)."""
     from candle_dist.classifier import CLASS_INPUTS, MODEL_FILE
     from candle_dist.export import clip_record, read_json, run_classifier
+    from candle_dist.model.heads import require_candle_run
     from candle_dist.predict import UNKNOWN_CLIP, load_classifier_and_clip
 
     folder = Path(path)
+    require_candle_run(folder, "add-classes")
     if not (folder / MODEL_FILE).exists() and (folder / "head_meta.json").is_file():
         meta = read_json(folder / "head_meta.json", "restore it from the training run") or {}
         classifier = run_classifier(folder, meta)

@@ -5,7 +5,7 @@ name, the score (the head's logit, CLIP's scale s = exp(logit_scale) included) a
 softmax of the scores over all classes at temperature 1.
 
 Example:
-  candle-dist predict --checkpoint runs/demo/candle_cla/final photos/ bird.jpg --top-k 3
+  candle-dist predict --checkpoint runs/demo/candle_cla/seed-0/final photos/ bird.jpg --top-k 3
   candle-dist predict --checkpoint runs/x/final 'shards/val-{000000..000003}.tar'
   candle-dist predict --checkpoint runs/x/final features/val      # a feature store
   candle-dist predict --checkpoint runs/x/final feats.npy         # [N, D] features
@@ -266,7 +266,9 @@ def load_classifier_and_clip(final: Path) -> tuple[ExportedClassifier, dict | No
     """The classifier of a run's final/ or of a `candle-dist export` directory, and the record of
     the CLIP that made its features (from head_meta.json, or the export's config.json)."""
     from candle_dist.classifier import MODEL_FILE, ExportedClassifier, read_config
+    from candle_dist.model.heads import require_candle_run
 
+    require_candle_run(final, "predict")
     exported = (final / MODEL_FILE).exists()
     classifier_file = final / "classifier.pt"
     if not exported and not classifier_file.exists():

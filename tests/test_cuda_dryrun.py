@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from candle_dist.config import load_config
 from candle_dist.data.synthetic_features import make_synthetic_features
 from candle_dist.model import head as head_module
+from candle_dist.model import heads
 from candle_dist.model.losses import build_loss
 from candle_dist.model.softmax_dropout import DropoutKeys
 from candle_dist.parallel.comm import ClassGroup
@@ -110,7 +111,7 @@ def _host_work_on_real_data(monkeypatch):
         monkeypatch.setattr(module, name, on_real_data)
 
     real(head_module, "_check_class_tensors")
-    real(trainer, "class_means")
+    real(heads, "class_means")
     draw = DropoutKeys.draw.__func__  # the attention-dropout seed, an int drawn on the host
 
     def draw_on_host(cls, *args):
@@ -186,6 +187,51 @@ def test_training_step_on_a_fake_device_with_two_ranks(
         scores = trainer.predict_scores(head, rows, shares.sizes)
         assert scores.shape == (6, train.num_classes) and scores.device.type == device.type
     assert {"all_reduce", "all_gather"} <= set(fake_group)
+
+
+@pytest.mark.parametrize("head_type", ["decoder", "linear"])
+def test_baseline_head_step_on_a_fake_device_with_two_ranks(
+    fake_group, device, data, monkeypatch, tmp_path, head_type
+):
+    """The decoder and linear heads: parameters, step, checkpoint gathering and scoring."""
+    train, val = data
+    tokens = np.repeat(np.asarray(train.features, dtype=np.float16)[:, None], 3, axis=1)
+    train.tokens = tokens
+    _host_work_on_real_data(monkeypatch)
+    cfg = load_config(
+        None, [f"head.type={head_type}", "optim.batch_size=10", f"train.output={tmp_path}"]
+    )
+    accelerator = SimpleNamespace(
+        device=device, distributed_type="MULTI_GPU", autocast=contextlib.nullcontext
+    )
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        comm = ClassGroup(device=device)
+        head = trainer.build_head(cfg, train, comm, device)
+        assert all(t.device.type == device.type for t in [*head.parameters(), *head.buffers()])
+        with unset_fake_temporarily():
+            criterion = build_loss("logit_adjusted", train.counts)
+        criterion = criterion.to(device)
+        optimizer, autocast = build_optimizer(head, cfg, accelerator)
+        if device.type == "cuda":
+            monkeypatch.setattr(optimizer, "backward_and_step", lambda loss: None)
+        shares = Partition(cfg.optim.batch_size, WORLD)
+        lo, hi = shares.range(comm.rank)
+        inputs = trainer.training_inputs(head, train, np.arange(lo, hi)).to(device)
+        labels = torch.as_tensor(train.labels[lo:hi], dtype=torch.long, device=device)
+        loss, _ = trainer.train_step(
+            head, optimizer, autocast, criterion, inputs, labels, None, shares.sizes
+        )
+        assert loss.device.type == device.type
+        grads = [p.grad for p in head.parameters() if p.grad is not None]
+        assert all(g.device.type == device.type for g in grads)
+        state = head.full_state_dict()
+        assert state["weight"].shape == (train.num_classes, train.text_features.shape[1])
+        val.tokens = np.repeat(np.asarray(val.features, dtype=np.float16)[:, None], 3, axis=1)
+        shares = Partition(6, WORLD)
+        lo, hi = shares.range(comm.rank)
+        rows = trainer.eval_inputs(head, val, lo, hi).to(device)
+        scores = trainer.predict_scores(head, rows, shares.sizes)
+        assert scores.shape == (6, train.num_classes) and scores.device.type == device.type
 
 
 def test_a_cpu_tensor_in_a_collective_fails_the_dry_run(fake_group, device):

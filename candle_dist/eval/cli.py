@@ -3,10 +3,11 @@
 Example:
   candle-dist eval --checkpoint runs/inat2018/final --features features/val --output eval
 
---checkpoint is the `final/` directory a training run writes (head.pt, head_meta.json,
-classifier.pt). By default scores come from the head's test forward over batches of
---batch-size images (as in training-time evaluation; fusion makes scores batch-dependent);
---exported uses the batch-independent exported classifier instead. The store must hold the
+--checkpoint is the `final/` directory a training run writes (head.pt, head_meta.json, and for
+the Candle head classifier.pt). A decoder head reads the store's token features. By default
+scores come from the head's test forward over batches of --batch-size images (as in
+training-time evaluation; the Candle head's fusion makes scores batch-dependent); --exported
+uses its batch-independent exported classifier instead. The store must hold the
 checkpoint's class list, extracted with its CLIP (compared before scoring). --output (default:
 eval/ beside the checkpoint) receives metrics.json (written last) and the plots.
 """
@@ -14,7 +15,6 @@ eval/ beside the checkpoint) receives metrics.json (written last) and the plots.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,6 @@ from tqdm import tqdm
 from candle_dist import provenance as prov
 from candle_dist.errors import UserInputError
 from candle_dist.outputs import check_output_dir, staged_dir
-
-META_KEYS = ("classnames", "num_base_classes", "counts", "head_options")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,10 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exported", action="store_true", help="use the exported classifier")
     parser.add_argument(
         "--adjust",
-        metavar="logit=TAU",
-        help="post-hoc logit adjustment, no training: scores minus TAU * log prior, the prior "
-        "from the training counts + 1 (as the CLA loss has it, finite for new classes); "
-        "e.g. logit=1.0",
+        metavar="logit=TAU|tau_norm=TAU",
+        help="post-hoc adjustment, no training. logit=TAU: scores minus TAU * log prior, the "
+        "prior from the training counts + 1 (as the CLA loss has it, finite for new classes); "
+        "any head. tau_norm=TAU: each class's classifier row (and bias) divided by its norm^TAU; "
+        "decoder and linear heads. e.g. logit=1.0",
     )
     parser.add_argument(
         "--class-info",
@@ -82,31 +81,6 @@ def scoring_device(name: str) -> torch.device:
     return device
 
 
-def load_trained_head(checkpoint: str | Path, device: torch.device | str = "cpu"):
-    """(CandleHead on `device`, meta) from a run's final/ directory, with errors that say what
-    is wrong."""
-    from candle_dist.model.head import CandleHead
-
-    final = Path(checkpoint)
-    meta_file, head_file = final / "head_meta.json", final / "head.pt"
-    for file in (meta_file, head_file):
-        if not file.exists():
-            raise UserInputError(
-                f"{file} does not exist: --checkpoint must be the final/ directory of a "
-                "`candle-dist train` run"
-            )
-    try:
-        meta = json.loads(meta_file.read_text())
-        missing = [key for key in META_KEYS if key not in meta]
-        if missing:
-            raise ValueError(f"head_meta.json lacks {', '.join(missing)}")
-        state = torch.load(head_file, map_location="cpu", weights_only=True)
-        return CandleHead.from_state_dict(state, device=device, **meta["head_options"]), meta
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserInputError(f"{final} is not a valid candle_dist checkpoint ({reason})") from None
-
-
 def checkpoint_provenance(meta: dict, dim: int) -> dict:
     """What a checkpoint's training features were made from (checkpoints written before it was
     recorded: their class list, dimension and CLIP)."""
@@ -122,14 +96,17 @@ def checkpoint_provenance(meta: dict, dim: int) -> dict:
     )
 
 
-def posthoc_adjustment(spec: str | None, counts: np.ndarray, device) -> torch.Tensor | None:
-    """`--adjust logit=TAU` as the [C] vector subtracted from every row of scores: TAU * log of
-    the prior (n_c + 1) / sum(n + 1). Classifier-row rescaling (tau-normalization) has no
-    meaning for the Candle head, whose columns are normalized prototypes."""
+ADJUSTMENTS = ("logit", "tau_norm")
+
+
+def parse_adjustment(spec: str | None, head_type: str) -> tuple[str, float] | None:
+    """`--adjust KIND=TAU` as (kind, tau), checked against the head it adjusts."""
     if spec is None:
         return None
     kind, _, value = spec.partition("=")
-    if kind != "logit":
+    if kind not in ADJUSTMENTS:
+        raise UserInputError(f"--adjust {spec!r}: use logit=TAU or tau_norm=TAU (e.g. logit=1.0)")
+    if kind == "tau_norm" and head_type == "candle":
         raise UserInputError(
             f"--adjust {spec!r}: the Candle head takes logit=TAU (tau_norm rescales classifier "
             "rows by their norm, and this head's columns are unit-norm prototypes)"
@@ -137,7 +114,15 @@ def posthoc_adjustment(spec: str | None, counts: np.ndarray, device) -> torch.Te
     try:
         tau = float(value)
     except ValueError:
-        raise UserInputError(f"--adjust {spec!r}: TAU must be a number, e.g. logit=1.0") from None
+        raise UserInputError(f"--adjust {spec!r}: TAU must be a number, e.g. {kind}=1.0") from None
+    if not np.isfinite(tau):
+        raise UserInputError(f"--adjust {spec!r}: TAU must be a finite number")
+    return kind, tau
+
+
+def logit_adjustment(tau: float, counts: np.ndarray, device) -> torch.Tensor:
+    """The [C] vector post-hoc logit adjustment subtracts from every row of scores: TAU * log
+    of the prior (n_c + 1) / sum(n + 1)."""
     prior = torch.as_tensor(counts, dtype=torch.float64) + 1.0
     return (tau * torch.log(prior / prior.sum())).float().to(device)
 
@@ -147,14 +132,16 @@ def main(args: argparse.Namespace) -> int:
     from candle_dist.eval.metrics import MetricAccumulator, to_json
     from candle_dist.eval.plots import plot_per_class_accuracy, plot_shot_groups
     from candle_dist.eval.taxonomy import read_taxonomy, taxonomy_metrics
+    from candle_dist.model.heads import load_head
     from candle_dist.train.data import eval_data_from_store
-    from candle_dist.train.trainer import predict_scores
+    from candle_dist.train.trainer import eval_inputs, predict_scores
 
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size {args.batch_size}: give 1 or more images per batch")
     output = check_output_dir(args.output or Path(args.checkpoint).parent / "eval", "--output")
     device = scoring_device(args.device)
-    head, meta = load_trained_head(args.checkpoint, device)
+    head, meta = load_head(args.checkpoint, device)
+    adjust = parse_adjustment(args.adjust, head.head_type)
     data = eval_data_from_store(args.features)
     prov.check_same(
         checkpoint_provenance(meta, head.dim),
@@ -163,6 +150,11 @@ def main(args: argparse.Namespace) -> int:
         f"store {args.features}",
         fix="evaluate on a store extracted with the checkpoint's class list and CLIP",
     )
+    if args.exported and head.head_type != "candle":
+        raise UserInputError(
+            f"--exported: {args.checkpoint} holds a {head.head_type} head; the exported "
+            "classifier (classifier.pt) is the Candle head's: drop --exported"
+        )
     dim = np.asarray(data.features[:1]).shape[-1]
     if len(data.labels) and dim != head.dim:
         raise UserInputError(
@@ -176,7 +168,11 @@ def main(args: argparse.Namespace) -> int:
         )
     taxonomy = read_taxonomy(args.class_info, head.num_classes) if args.class_info else None
     counts = np.asarray(meta["counts"])
-    adjustment = posthoc_adjustment(args.adjust, counts, device)
+    adjustment = None
+    if adjust is not None and adjust[0] == "logit":
+        adjustment = logit_adjustment(adjust[1], counts, device)
+    elif adjust is not None:
+        head.tau_normalize(adjust[1])
     classifier = None
     if args.exported:
         try:
@@ -185,10 +181,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserInputError(str(err)) from None
     acc = MetricAccumulator(counts, meta["num_base_classes"], classnames=meta["classnames"])
     for start in tqdm(range(0, len(data.labels), args.batch_size), desc="eval"):
-        rows = torch.as_tensor(
-            np.asarray(data.features[start : start + args.batch_size], dtype=np.float32)
-        )
-        rows = rows.to(device)
+        rows = eval_inputs(head, data, start, start + args.batch_size).to(device)
         scores = classifier.scores(rows) if classifier else predict_scores(head, rows)
         if adjustment is not None:
             scores = scores - adjustment
@@ -203,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     with staged_dir(output, last="metrics.json") as staging:
         to_json(metrics, staging / "metrics.json")
         plot_per_class_accuracy(metrics["per_class"], counts, staging / "per_class_accuracy.png")
-        plot_shot_groups({"candle": metrics}, staging / "shot_groups.png")
+        plot_shot_groups({head.head_type: metrics}, staging / "shot_groups.png")
     for keys in (
         ("top1", "top5", "base", "new", "hm", "many", "medium", "few"),
         ("balanced_accuracy", "macro_f1", "eval_loss"),

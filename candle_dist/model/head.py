@@ -21,6 +21,7 @@ from torch import nn
 from candle_dist.errors import UserInputError
 from candle_dist.model.fusion import Fusion
 from candle_dist.model.losses import AdjustedCrossEntropy
+from candle_dist.model.sharded_state import ClassShardedState
 from candle_dist.parallel.comm import ClassGroup
 from candle_dist.parallel.cross_entropy import (
     class_parallel_column_statistics,
@@ -44,7 +45,7 @@ class _Encoded:
     protos: torch.Tensor
 
 
-class CandleHead(nn.Module):
+class CandleHead(ClassShardedState, nn.Module):
     """Projections + fusion + prototypes; three logit sets (plain, visual-text, visual-visual).
 
     `text_features` [C, D] are every class's prompt features; `visual_prototypes` [C_base, D]
@@ -55,6 +56,9 @@ class CandleHead(nn.Module):
     and `tie_virtual_to_text`, a new class's text feature is its current virtual prototype
     (a constant in backward), as in the published code.
     """
+
+    head_type = "candle"
+    input_kind = "features"  # what it scores: the store's pooled image features
 
     def __init__(
         self,
@@ -135,6 +139,13 @@ class CandleHead(nn.Module):
             self.scale * self.visual_scale * enc.rows @ enc.protos.t(),
         )
 
+    def scores(
+        self, image_features: torch.Tensor, image_sizes: list[int] | None = None
+    ) -> torch.Tensor:
+        """Test-phase scores `logits_vt + logits_vv` [all ranks' images, this rank's classes]."""
+        _, logits_vt, logits_vv = self(image_features, phase="test", image_sizes=image_sizes)
+        return logits_vt + logits_vv
+
     def loss(
         self,
         image_features: torch.Tensor,
@@ -186,25 +197,10 @@ class CandleHead(nn.Module):
         target_offset = criterion.target_offset(targets)
 
         def term(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:
-            per_row = class_parallel_cross_entropy(
-                rows,
-                cols,
-                scale,
-                adjustment,
-                positions,
-                col_start=col_start,
-                comm=self.comm,
-                chunk_rows=self.chunk_rows,
-                target_offset=target_offset,
-            )
-            value = criterion.reduce(per_row, targets)
-            if criterion.column_statistics:
-                column_lse, target_sums = class_parallel_column_statistics(
-                    rows, cols, scale, positions, col_start=col_start, chunk_rows=self.chunk_rows
-                )
-                share = criterion.column_term(column_lse, target_sums, targets, classes)
-                value = value + sum_over_ranks(share, self.comm)
-            return value
+            return class_parallel_loss(
+                criterion, rows, cols, scale, targets, positions, classes, adjustment,
+                target_offset, col_start=col_start, comm=self.comm, chunk_rows=self.chunk_rows,
+            )  # fmt: skip
 
         parts = {
             "loss0": term(enc.rows0, enc.text0, self.scale),
@@ -303,41 +299,49 @@ class CandleHead(nn.Module):
             ranges[name] = (length, sizes)
         return ranges
 
-    def gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        """All ranks' rows of a class-sharded tensor (a state entry or its optimizer state)."""
-        _, sizes = self.class_sharded_ranges()[name]
-        return self.comm.gather_constant(local, sizes)
-
-    def slice_full(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a full class-sharded tensor."""
-        length, sizes = self.class_sharded_ranges()[name]
-        if full.shape[0] != length:
-            raise UserInputError(
-                f"checkpoint entry {name} has {full.shape[0]} rows but this head expects {length}: "
-                "the checkpoint was trained on a different class list"
-            )
-        start = sum(sizes[: self.comm.rank])
-        return full[start : start + sizes[self.comm.rank]]
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The one-process state dict (class-sharded entries gathered); same on every rank."""
-        state = self.state_dict()
-        for name in self.class_sharded_ranges():
-            state[name] = self.gather_full(name, state[name])
-        return {name: value.detach().cpu() for name, value in state.items()}
-
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a one-process state dict (from any number of ranks) into this rank's shard."""
-        state = dict(state)
-        for name in self.class_sharded_ranges():
-            if name in state:
-                state[name] = self.slice_full(name, state[name])
-        self.load_state_dict(state)
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.tied:  # the published code's text_features share storage with the prototypes
             destination[prefix + "text_features"] = self.class_text_features().detach()
+
+
+def class_parallel_loss(
+    criterion: AdjustedCrossEntropy,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: float,
+    targets: torch.Tensor,
+    positions: torch.Tensor,
+    classes: torch.Tensor,
+    adjustment: torch.Tensor | None,
+    target_offset: torch.Tensor | None,
+    *,
+    col_start: int,
+    comm: ClassGroup,
+    chunk_rows: int,
+) -> torch.Tensor:
+    """`criterion` of the logits `scale * rows @ cols^T (+ adjustment)`, rows = all ranks' rows,
+    cols = this rank's classes `classes` (global ids) at logit positions from `col_start`;
+    `targets` are class ids, `positions` their logit columns. Identical on every rank."""
+    per_row = class_parallel_cross_entropy(
+        rows,
+        cols,
+        scale,
+        adjustment,
+        positions,
+        col_start=col_start,
+        comm=comm,
+        chunk_rows=chunk_rows,
+        target_offset=target_offset,
+    )
+    value = criterion.reduce(per_row, targets)
+    if criterion.column_statistics:
+        column_lse, target_sums = class_parallel_column_statistics(
+            rows, cols, scale, positions, col_start=col_start, chunk_rows=chunk_rows
+        )
+        share = criterion.column_term(column_lse, target_sums, targets, classes)
+        value = value + sum_over_ranks(share, comm)
+    return value
 
 
 def _check_class_tensors(

@@ -27,6 +27,8 @@ def sum_replicated_gradients(head: CandleHead) -> None:
         return
     sharded = head.class_sharded_ranges()
     grads = [p.grad for n, p in head.named_parameters() if n not in sharded and p.grad is not None]
+    if not grads:  # a second stage that trains class-sharded parameters only
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     head.comm.all_reduce(flat)
     offset = 0
@@ -36,8 +38,12 @@ def sum_replicated_gradients(head: CandleHead) -> None:
 
 
 def _sgd(params, optim: OptimConfig) -> torch.optim.SGD:
+    """SGD of the trainable ones of `params` (a second stage freezes the representation)."""
     return torch.optim.SGD(
-        params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        [p for p in params if p.requires_grad],
+        lr=optim.lr,
+        momentum=optim.momentum,
+        weight_decay=optim.weight_decay,
     )
 
 
@@ -194,9 +200,14 @@ def build_optimizer(
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return HeadSGD(head, cfg.optim), accelerator.autocast
     bf16 = configure_deepspeed(accelerator, cfg.optim.batch_size, head.comm.world_size)
+    device_type = accelerator.device.type
+    autocast = lambda: torch.autocast(device_type, torch.bfloat16, enabled=bf16)  # noqa: E731
+    sharded = head.class_sharded_ranges()
+    if not any(p.requires_grad for n, p in head.named_parameters() if n not in sharded):
+        # nothing for ZeRO to shard when only class-sharded parameters train (lws, marc)
+        return HeadSGD(head, cfg.optim), autocast
     optimizer = ZeroHeadSGD(head, cfg.optim, accelerator)
     if head.comm.rank == 0:
         stage = optimizer.engine.zero_optimization_stage()
         print(f"DeepSpeed ZeRO stage {stage} over {head.comm.world_size} rank(s)", flush=True)
-    device_type = accelerator.device.type
-    return optimizer, lambda: torch.autocast(device_type, torch.bfloat16, enabled=bf16)
+    return optimizer, autocast

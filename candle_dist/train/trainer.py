@@ -36,7 +36,9 @@ from candle_dist.config import Config
 from candle_dist.errors import UserInputError
 from candle_dist.eval.metrics import MetricAccumulator, to_json
 from candle_dist.model.head import CandleHead
+from candle_dist.model.heads import build_head, candle_options, require_tokens
 from candle_dist.model.losses import build_loss, loss_options
+from candle_dist.model.probe import ProbeHead
 from candle_dist.outputs import check_output_dir, staged_dir
 from candle_dist.parallel.comm import ClassGroup
 from candle_dist.parallel.partition import Partition
@@ -44,7 +46,6 @@ from candle_dist.precision import resolve_precision
 from candle_dist.train import checkpoint as ckpt
 from candle_dist.train.data import EvalData, TrainingData, validate
 from candle_dist.train.optimizer import HeadSGD, build_optimizer, skip_deepspeed_shm_build
-from candle_dist.train.prototypes import class_means
 from candle_dist.train.sampler import epoch_indices
 from candle_dist.train.schedule import learning_rate
 from candle_dist.train.tracking import PROJECT, check_trackers, eval_scalars, hyperparameters
@@ -104,19 +105,6 @@ def make_accelerator(
             "--num_processes N`, `torchrun --nproc_per_node N` or a DeepSpeed config"
         )
     return accelerator
-
-
-def build_head(cfg: Config, train: TrainingData, comm: ClassGroup, device=None) -> CandleHead:
-    protos = class_means(train.features, train.labels, train.num_base_classes)
-    logit_scale = cfg.head.logit_scale if cfg.head.logit_scale is not None else train.logit_scale
-    torch.manual_seed(cfg.train.seed)  # the "visual" virtual-prototype noise
-    return CandleHead(
-        text_features=train.text_features,
-        visual_prototypes=protos,
-        comm=comm,
-        device=device,
-        **head_options(cfg, logit_scale),
-    )
 
 
 class _StopFlag:
@@ -273,7 +261,8 @@ def fit(
             shares = Partition(len(indices), comm.world_size)
             lo, hi = shares.range(comm.rank)
             local = indices[lo:hi]
-            features = train.rows(local, None if view_ids is None else view_ids[local]).to(device)
+            views = None if view_ids is None else view_ids[local]
+            features = training_inputs(head, train, local, views).to(device)
             labels = torch.as_tensor(train.labels[local], dtype=torch.long, device=device)
 
             lr = learning_rate(cfg.optim, step, steps_per_epoch)
@@ -481,17 +470,33 @@ def _epoch_views(seed: int, epoch: int, num_samples: int, num_views: int) -> np.
 
 @torch.no_grad()
 def predict_scores(
-    head: CandleHead, features: torch.Tensor, image_sizes: list[int] | None = None
+    head: CandleHead | ProbeHead, inputs: torch.Tensor, image_sizes: list[int] | None = None
 ) -> torch.Tensor:
-    """Test-phase scores `logits_vt + logits_vv` over all classes (columns gathered);
-    `image_sizes` as in `CandleHead.forward`."""
+    """Scores [all ranks' images, all classes] (columns gathered; float32): the Candle head's
+    test-phase `logits_vt + logits_vv`, a probe head's classifier scores. `inputs` are what the
+    head reads (`head.input_kind`); `image_sizes` as in `CandleHead.forward`."""
     head.eval()
-    _, logits_vt, logits_vv = head(features, phase="test", image_sizes=image_sizes)
-    scores = (logits_vt + logits_vv).float()
+    scores = head.scores(inputs, image_sizes).float()
     if head.comm.distributed:
         sizes = head.class_partition.sizes
         scores = head.comm.gather_constant(scores.t().contiguous(), sizes).t()
     return scores
+
+
+def training_inputs(
+    head: CandleHead | ProbeHead, train: TrainingData, indices: np.ndarray, views=None
+) -> torch.Tensor:
+    """What `head` reads for these training samples: pooled features (one augmented view each
+    if `views`) or token features."""
+    if head.input_kind == "tokens":
+        return train.token_rows(indices)
+    return train.rows(indices, views)
+
+
+def eval_inputs(head: CandleHead | ProbeHead, val: EvalData, start: int, stop: int) -> torch.Tensor:
+    """What `head` reads for evaluation samples start..stop."""
+    source = require_tokens(val.tokens, val.source) if head.input_kind == "tokens" else val.features
+    return torch.as_tensor(np.asarray(source[start:stop], dtype=np.float32))
 
 
 @torch.no_grad()
@@ -507,24 +512,10 @@ def evaluate(
         stop = min(start + batch_size, total)
         shares = Partition(stop - start, comm.world_size)
         lo, hi = shares.range(comm.rank)
-        rows = torch.as_tensor(np.asarray(val.features[start + lo : start + hi], dtype=np.float32))
+        rows = eval_inputs(head, val, start + lo, start + hi)
         scores = predict_scores(head, rows.to(device), shares.sizes)
         acc.update(scores.cpu(), val.labels[start:stop])
     return acc.compute()
-
-
-def head_options(cfg: Config, logit_scale: float) -> dict[str, Any]:
-    """CandleHead keyword arguments of a config (without the class tensors)."""
-    return {
-        "logit_scale": logit_scale,
-        "visual_scale": cfg.head.visual_scale,
-        "mask": cfg.head.mask,
-        "virtual_init": cfg.head.virtual_init,
-        "tie_virtual_to_text": cfg.head.tie_virtual_to_text,
-        "num_heads": cfg.head.num_heads,
-        "attn_dropout": cfg.head.attn_dropout,
-        "chunk_rows": cfg.head.chunk_rows,
-    }
 
 
 def _publish(cfg, head, train, folder: Path, device, selected: dict | None = None) -> None:
@@ -536,8 +527,12 @@ def _publish(cfg, head, train, folder: Path, device, selected: dict | None = Non
         return
     with staged_dir(folder, replace=True) as staging:
         torch.save(full, staging / "head.pt")
-        options = head_options(cfg, math.log(head.scale))
+        if isinstance(head, ProbeHead):
+            options = head.options()
+        else:
+            options = candle_options(cfg, math.log(head.scale))
         meta = {
+            "head_type": head.head_type,
             "classnames": train.classnames,
             "num_base_classes": train.num_base_classes,
             "counts": [int(c) for c in train.counts],
@@ -546,9 +541,13 @@ def _publish(cfg, head, train, folder: Path, device, selected: dict | None = Non
             "train_source": train.source,
             "provenance": train.provenance,
         }
+        if cfg.stage2.source:
+            meta["stage2"] = {"from": cfg.stage2.source, "method": cfg.stage2.method}
         if selected is not None:
             meta["selected"] = selected
         (staging / "head_meta.json").write_text(json.dumps(meta))
+        if isinstance(head, ProbeHead):
+            return  # the exported classifier (classifier.pt) is the Candle head's formula
         # on the accelerator: on the CPU this takes longer than NCCL's default timeout at
         # 10^5 classes, while the other ranks wait in the next collective
         single = CandleHead.from_state_dict(full, device=device, **options)
