@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("candle_dist.features.extract", "encode shards with a frozen CLIP into a store"),
     "train": ("candle_dist.train.cli", "fit the Candle head on a feature store"),
     "eval": ("candle_dist.eval.cli", "evaluate a checkpoint on a feature store"),
+    "compare": ("candle_dist.compare", "train several methods on one store, one table of results"),
     "predict": ("candle_dist.predict", "top-k class names for images, shards or features"),
     "export": ("candle_dist.export", "a run's classifier as safetensors (+ ONNX) and a model card"),
     "add-classes": ("candle_dist.grow", "add classes known by name to an exported classifier"),

@@ -22,12 +22,15 @@ def demo(tmp_path_factory):
 def test_demo_shows_the_method_claims(demo):
     m = json.loads((demo / "metrics.json").read_text())
     assert m["num_new_classes"] == 20
-    assert set(m) >= {"zero_shot", "linear_probe_ce", "candle_ce", "candle_cla"}
+    assert set(m) >= {"zero_shot", "linear_ce", "candle_ce", "candle_cla"}
     assert m["candle_cla"]["few"] >= m["candle_ce"]["few"]
     assert m["candle_cla"]["base"] > m["zero_shot"]["base"]
     assert m["candle_cla"]["new"] >= 0.5  # chance among the 20 new classes: 1/20
-    for name in ("per_class_accuracy.png", "shot_groups.png", "loss.png"):
+    for name in ("per_class_accuracy.png", "shot_groups.png", "loss.png", "compare.png"):
         assert (demo / name).stat().st_size > 1000
+    compared = json.loads((demo / "compare.json").read_text())["methods"]
+    assert list(compared) == ["zero_shot", "linear_ce", "candle_ce", "candle_cla"]
+    assert compared["candle_cla"]["top1"] == m["candle_cla"]["top1"]
 
 
 def test_predict_recognizes_known_images(demo, tmp_path):
@@ -41,7 +44,7 @@ def test_predict_recognizes_known_images(demo, tmp_path):
             render(by_name[names[class_id]], rng).save(path, quality=90)
             truth[str(path)] = names[class_id]
     out = tmp_path / "pred.jsonl"
-    final = demo / "candle_cla" / "final"
+    final = demo / "candle_cla" / "seed-0" / "final"
     assert main(["predict", "--checkpoint", str(final), str(tmp_path), "--output", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == len(truth)

@@ -108,6 +108,37 @@ def test_bad_arguments():
         make_synthetic_features(4, 8, num_new=4)
 
 
+def test_tokens_project_onto_the_features_and_leave_the_rest_as_it_was():
+    plain = make_synthetic_features(40, 16, num_new=4, max_count=20, val_per_class=2, seed=5)
+    data = make_synthetic_features(
+        40, 16, num_new=4, max_count=20, val_per_class=2, seed=5, num_tokens=5, token_dim=24
+    )
+    for name in ("train_features", "val_features", "text_features", "counts", "val_labels"):
+        assert torch.equal(getattr(plain, name), getattr(data, name)), name
+    assert plain.train_tokens is None and plain.token_projection is None
+    assert data.train_tokens.shape == (len(data.train_labels), 5, 24)
+    assert data.val_tokens.shape == (len(data.val_labels), 5, 24)
+    assert data.train_tokens.dtype == data.val_tokens.dtype == torch.float16
+    matrix, bias = data.token_projection
+    assert matrix.shape == (24, 16) and bias.shape == (16,) and matrix.dtype == torch.float32
+    for tokens, features in (
+        (data.train_tokens, data.train_features),
+        (data.val_tokens, data.val_features),
+    ):
+        projected = tokens[:, 0].float() @ matrix + bias
+        assert torch.allclose(projected, features, atol=0.02)
+    patches = data.train_tokens[:, 1:].float() @ matrix + bias  # not copies of the feature
+    assert not torch.allclose(patches, data.train_features[:, None].expand_as(patches), atol=1)
+    again = make_synthetic_features(
+        40, 16, num_new=4, max_count=20, val_per_class=2, seed=5, num_tokens=5, token_dim=24
+    )
+    assert torch.equal(again.train_tokens, data.train_tokens)
+    with pytest.raises(UserInputError, match="token_dim: 8 is below dim = 16"):
+        make_synthetic_features(10, 16, num_tokens=2, token_dim=8)
+    with pytest.raises(UserInputError, match="num_distractors"):
+        make_synthetic_features(10, 16, num_tokens=2, num_distractors=0)
+
+
 def _zero_shot_and_nearest_class_mean(data):
     """Cosine scores of the val images against the text features and the class-mean prototypes."""
     base, dim = data.num_base_classes, data.train_features.shape[1]

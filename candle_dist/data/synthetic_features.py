@@ -17,9 +17,17 @@ The geometry imitates what the Candle head sees from a frozen CLIP, at any scale
   features;
 - training counts are long-tailed (an exponential profile or a counts file); the last
   `num_new` classes are new: a text feature, validation images, no training images;
-- validation is balanced: `val_per_class` images of every class, new ones included.
+- validation is balanced: `val_per_class` images of every class, new ones included;
+- optionally (`num_tokens` > 0) token features per image, [N, T, W] float16, as a ViT's
+  output tokens before the projection to D: token 0 projects exactly onto the image feature
+  (`token @ P + b`, `token_projection` = (P [W, D], b [D])), the other T-1 are patches: with
+  probability `foreground` a noisier view of the class (semantic noise `token_noise`), plus one
+  of `num_distractors` shared background directions; every token also has noise in the W - D
+  dimensions the projection discards. Patches hold class evidence the pooled feature lacks,
+  beside distractors, so a head that attends over tokens has something to find.
 
-Everything is drawn from one seeded generator: the same arguments give the same tensors.
+Everything is drawn from one seeded generator: the same arguments give the same tensors (the
+tokens are drawn last, so asking for them leaves the other tensors as they were).
 """
 
 from __future__ import annotations
@@ -55,6 +63,10 @@ class SyntheticFeatures:
     num_base_classes: int
     classnames: list[str]
     logit_scale: float = CLIP_LOGIT_SCALE
+    train_tokens: torch.Tensor | None = None  # [N, T, W] float16 (num_tokens > 0)
+    val_tokens: torch.Tensor | None = None  # [M, T, W] float16
+    # (P [W, D], b [D]) float32: token 0 @ P + b is the image feature
+    token_projection: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -185,12 +197,18 @@ def make_synthetic_features(
     norm_jitter: float = 0.1,
     image_norm: float = 10.0,
     text_norm: float = 8.0,
+    num_tokens: int = 0,
+    token_dim: int | None = None,
+    token_noise: float = 3.0,
+    foreground: float = 0.5,
+    num_distractors: int = 16,
 ) -> SyntheticFeatures:
     """A synthetic long-tailed task (see the module docstring for the geometry).
 
     Training counts: `counts` (one per class, e.g. from `load_counts_tsv`) if given, else
     `exponential_counts(num_classes - num_new, max_count, imbalance_ratio)`; either way the
-    last `num_new` classes get 0.
+    last `num_new` classes get 0. `num_tokens` > 0 adds token features of width `token_dim`
+    (default `dim`; at least `dim`, so that token 0 can project onto the image feature).
     """
     if dim < 2 or intrinsic_dim < 2:
         raise UserInputError(f"dim, intrinsic_dim: must be at least 2, got {dim}, {intrinsic_dim}")
@@ -200,6 +218,8 @@ def make_synthetic_features(
     for name, value in noises.items():
         if value < 0:
             raise UserInputError(f"{name}: must be >= 0, got {value}")
+    width = dim if token_dim is None else token_dim
+    _check_token_options(num_tokens, width, dim, token_noise, foreground, num_distractors)
     train_counts = _base_counts(num_classes, num_new, counts, imbalance_ratio, max_count)
 
     gen = torch.Generator().manual_seed(seed)
@@ -213,9 +233,9 @@ def make_synthetic_features(
     # Independent random terms: E||u + gap + noise||² = 1 + gap² + image_noise² + ambient².
     scale = image_norm / math.sqrt(1 + modality_gap**2 + image_noise**2 + ambient_noise**2)
 
-    def images(labels: torch.Tensor) -> torch.Tensor:
+    def images(labels: torch.Tensor, noise: float = image_noise) -> torch.Tensor:
         n = labels.numel()
-        semantic = torch.randn(n, k, generator=gen) @ (basis * (image_noise / math.sqrt(k)))
+        semantic = torch.randn(n, k, generator=gen) @ (basis * (noise / math.sqrt(k)))
         ambient = torch.randn(n, dim, generator=gen) * (ambient_noise / math.sqrt(dim))
         jitter = torch.exp(norm_jitter * torch.randn(n, 1, generator=gen))
         return (directions[labels] + gap + semantic + ambient) * (scale * jitter)
@@ -223,7 +243,7 @@ def make_synthetic_features(
     classes = torch.arange(num_classes)
     train_labels = torch.repeat_interleave(classes, train_counts)
     val_labels = torch.repeat_interleave(classes, val_per_class)
-    return SyntheticFeatures(
+    data = SyntheticFeatures(
         train_features=images(train_labels),
         train_labels=train_labels,
         val_features=images(val_labels),
@@ -233,3 +253,45 @@ def make_synthetic_features(
         num_base_classes=num_classes - num_new,
         classnames=[f"class_{i:05d}" for i in range(num_classes)],
     )
+    if not num_tokens:
+        return data
+    # [W, D] with orthonormal columns: x @ lift.T @ lift = x for every x of the D dimensions
+    lift = torch.linalg.qr(torch.randn(width, dim, generator=gen, dtype=torch.float64))[0].float()
+    bias = 0.1 * image_norm / math.sqrt(dim) * torch.randn(dim, generator=gen)
+    distractors = image_norm * _unit(torch.randn(num_distractors, dim, generator=gen))
+
+    def tokens(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n, patches_per_image = labels.numel(), num_tokens - 1
+        patches = images(labels.repeat_interleave(patches_per_image), token_noise)
+        shown = torch.rand(len(patches), 1, generator=gen) < foreground
+        background = distractors[torch.randint(num_distractors, (len(patches),), generator=gen)]
+        patches = torch.where(shown, patches, 0.0) + background
+        rows = torch.cat([(features - bias).unsqueeze(1), patches.view(n, -1, dim)], dim=1)
+        discarded = torch.randn(n, num_tokens, width, generator=gen)
+        discarded = (discarded - discarded @ lift @ lift.T) * (ambient_noise * scale)
+        return (rows @ lift.T + discarded).half()
+
+    data.train_tokens = tokens(data.train_features, train_labels)
+    data.val_tokens = tokens(data.val_features, val_labels)
+    data.token_projection = (lift, bias)
+    return data
+
+
+def _check_token_options(
+    num_tokens: int, width: int, dim: int, noise: float, foreground: float, distractors: int
+) -> None:
+    """Token options a task can be drawn with (all ignored when num_tokens is 0)."""
+    if num_tokens < 0:
+        raise UserInputError(f"num_tokens: must be >= 0 (0 = no tokens), got {num_tokens}")
+    if not num_tokens:
+        return
+    if width < dim:
+        raise UserInputError(
+            f"token_dim: {width} is below dim = {dim}; token 0 projects onto the image feature, "
+            "which needs token_dim >= dim"
+        )
+    if noise < 0 or not 0 <= foreground <= 1 or distractors < 1:
+        raise UserInputError(
+            f"token_noise {noise}, foreground {foreground}, num_distractors {distractors}: "
+            "need token_noise >= 0, foreground in [0, 1] and num_distractors >= 1"
+        )

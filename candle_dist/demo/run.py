@@ -5,10 +5,11 @@ Example:
 
 Draws a synthetic long-tailed image set (shape x colour x texture classes, imbalance ratio 100,
 the last classes known by name only), encodes it with the offline tiny CLIP (built on first
-use, ~3 minutes, then cached; see `candle-dist pretrain-tiny`), and compares text zero-shot, a
-text-initialized linear probe trained with cross-entropy, Candle trained with cross-entropy and
-Candle trained with the compensating logit-adjusted loss. Prints a table and writes
-metrics.json and PNG plots (per-class accuracy vs training count, group bars, loss curves).
+use, ~3 minutes, then cached; see `candle-dist pretrain-tiny`), and compares (as `candle-dist
+compare` does, into OUTPUT/<method>/seed-<s>/) text zero-shot, a text-initialized linear probe
+trained with cross-entropy, Candle trained with cross-entropy and Candle trained with the
+compensating logit-adjusted loss. Prints a table and writes metrics.json and PNG plots
+(per-class accuracy vs training count, group bars, loss curves) beside compare.json/.png.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from candle_dist.config import load_config
+from candle_dist.compare import compare
 from candle_dist.errors import UserInputError
-from candle_dist.eval.metrics import evaluate, to_json
+from candle_dist.eval.metrics import to_json
 from candle_dist.eval.plots import plot_loss_curve, plot_per_class_accuracy, plot_shot_groups
 from candle_dist.outputs import check_output_dir
-from candle_dist.train.data import TrainingData, eval_data_from_store, training_data_from_store
-from candle_dist.train.trainer import fit
+from candle_dist.train.data import eval_data_from_store, training_data_from_store
 
 COLUMNS = ("base", "new", "hm", "many", "medium", "few", "top1")
+METHODS = ("zero_shot", "linear_ce", "candle_ce", "candle_cla")  # configs/methods/NAME.yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,23 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the runs")
     parser.add_argument("--cache-dir", help="where the tiny CLIP is cached (default: user cache)")
     parser.add_argument("--clip-steps", type=int, default=None, help="tiny CLIP training steps")
-
-
-def linear_probe(train: TrainingData, epochs: int, seed: int) -> torch.Tensor:
-    """Cosine classifier initialized from the text features, trained with CE on the images."""
-    torch.manual_seed(seed)
-    weights = torch.nn.Parameter(F.normalize(train.text_features.clone(), dim=-1))
-    features = F.normalize(torch.as_tensor(train.rows(torch.arange(len(train.labels)).numpy())))
-    labels = torch.as_tensor(train.labels)
-    optimizer = torch.optim.SGD([weights], lr=0.5, momentum=0.9)
-    for _ in tqdm(range(epochs), desc="linear probe"):
-        for batch in torch.randperm(len(labels)).split(128):
-            logits = 100.0 * features[batch] @ F.normalize(weights, dim=-1).t()
-            loss = F.cross_entropy(logits, labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return F.normalize(weights.detach(), dim=-1)
 
 
 def check_arguments(args: argparse.Namespace) -> Path:
@@ -92,8 +74,11 @@ def check_arguments(args: argparse.Namespace) -> Path:
     return check_output_dir(args.output, "--output")
 
 
-def prepare_features(args: argparse.Namespace, output: Path) -> tuple[Path, Path]:
-    """Shards and tiny-CLIP feature stores (each step resumes if interrupted)."""
+def prepare_features(
+    args: argparse.Namespace, output: Path, tokens: bool = False
+) -> tuple[Path, Path]:
+    """Shards and tiny-CLIP feature stores (each step resumes if interrupted); `tokens` also
+    stores the image tokens (for decoder heads; benchmarks/bench_compare.py)."""
     from candle_dist.data import make_shards
     from candle_dist.demo.tiny_clip import ensure_tiny_clip
     from candle_dist.features.extract import extract
@@ -113,7 +98,10 @@ def prepare_features(args: argparse.Namespace, output: Path) -> tuple[Path, Path
     for split in ("train", "val"):
         urls = [str(p) for p in sorted(shards.glob(f"{split}-*.tar"))]
         if not (stores / split / "manifest.json").exists():
-            extract(urls, stores / split, "tiny-clip", str(clip), batch_size=256, workers=1)
+            extract(
+                urls, stores / split, "tiny-clip", str(clip), batch_size=256, workers=1,
+                tokens=tokens,
+            )  # fmt: skip
     return stores / "train", stores / "val"
 
 
@@ -126,30 +114,19 @@ def main(args: argparse.Namespace) -> int:
     train_dir, val_dir = prepare_features(args, output)
     train, val = training_data_from_store(str(train_dir)), eval_data_from_store(str(val_dir))
     counts, num_base = train.counts, train.num_base_classes
-    val_features = F.normalize(torch.as_tensor(val.features[:], dtype=torch.float32), dim=-1)
-    results = {}
-    text = F.normalize(train.text_features, dim=-1)
-    results["zero_shot"] = evaluate(val_features @ text.t(), val.labels, counts, num_base)
-    probe = linear_probe(train, args.epochs, args.seed)
-    results["linear_probe_ce"] = evaluate(val_features @ probe.t(), val.labels, counts, num_base)
+    for name in METHODS:  # a rerun trains the demo's runs anew (compare would reuse them)
+        shutil.rmtree(output / name, ignore_errors=True)
+    overrides = [
+        f"optim.epochs={args.epochs}",
+        "optim.batch_size=128",
+        "train.log_every=5",
+        "train.checkpoint_every=100000",
+    ]
+    runs = compare(train, val, METHODS, output, seeds=[args.seed], overrides=overrides).runs
+    results = {name: runs[name][0].metrics for name in METHODS}
     curves = {}
-    for name, loss in (("candle_ce", "cross_entropy"), ("candle_cla", "cla")):
-        shutil.rmtree(output / name, ignore_errors=True)  # a rerun trains the demo's runs anew
-        cfg = load_config(
-            None,
-            [
-                f"loss.name={loss}",
-                f"optim.epochs={args.epochs}",
-                "optim.lr=0.01",
-                "optim.batch_size=128",
-                f"train.seed={args.seed}",
-                f"train.output={output / name}",
-                "train.log_every=5",
-                "train.checkpoint_every=100000",
-            ],
-        )
-        results[name] = fit(cfg, train, val)["eval"]
-        records = [json.loads(line) for line in (output / name / "metrics.jsonl").open()]
+    for name in ("candle_ce", "candle_cla"):
+        records = [json.loads(line) for line in (runs[name][0].folder / "metrics.jsonl").open()]
         curves[name] = [(r["step"], r["loss"]) for r in records if "loss" in r]
 
     summary = {
@@ -173,5 +150,6 @@ def main(args: argparse.Namespace) -> int:
         cells = "".join(f"{'-' if row[c] is None else f'{row[c]:.4f}':>8}" for c in COLUMNS)
         print(f"{method:<16}{cells}")
     print(f"wrote {output / 'metrics.json'}, plots and checkpoints to {output}")
-    print(f"try: candle-dist predict --checkpoint {output / 'candle_cla' / 'final'} IMAGE.jpg")
+    final = runs["candle_cla"][0].folder / "final"
+    print(f"try: candle-dist predict --checkpoint {final} IMAGE.jpg")
     return 0

@@ -1,4 +1,5 @@
-"""PNG plots of long-tailed results: per-class accuracy vs training count, group bars, loss curves.
+"""PNG plots of long-tailed results: per-class accuracy vs training count, group bars, loss curves,
+methods side by side.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch),
 so they work headless and inside other programs' sessions; files are written atomically.
@@ -164,6 +165,43 @@ def plot_shot_groups(
     axes.set_title(title)
     axes.grid(axis="y", alpha=0.3)
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.24), ncols=min(len(methods), 4))
+    _save(figure, path)
+
+
+def plot_method_comparison(
+    methods: Mapping[str, Mapping[str, float | None]],
+    path: str | os.PathLike,
+    keys: Sequence[str] = ("top1", "many", "medium", "few"),
+    title: str = "Accuracy by method",
+) -> None:
+    """Bars of `keys` per method, with `KEY_std` entries (std over seeds) as error bars.
+
+    Methods run along the x axis (a comparison has many of them, a group plot would crowd), one
+    colour per metric; a missing value (None: no class in that group) is drawn as "n/a".
+    """
+    names = list(methods)
+    width = 0.8 / len(keys)
+    figure = _new_figure(float(np.clip(2 + 0.55 * len(keys) * len(names) / 2, 7, 16)), 4.8)
+    axes = figure.add_subplot()
+    for i, (color, key) in enumerate(zip(_colors(len(keys)), keys, strict=True)):
+        positions = np.arange(len(names)) + (i - (len(keys) - 1) / 2) * width
+        values = [methods[name].get(key) for name in names]
+        stds = [methods[name].get(f"{key}_std") for name in names]
+        heights = [100 * v if v is not None else 0.0 for v in values]
+        errors = [
+            100 * s if s is not None and v is not None else 0.0
+            for v, s in zip(values, stds, strict=True)
+        ]
+        axes.bar(positions, heights, width * 0.95, yerr=errors, capsize=2, color=color, label=key)
+        for x, value in zip(positions, values, strict=True):
+            if value is None:
+                axes.text(x, 1, "n/a", ha="center", va="bottom", rotation=90, fontsize=7)
+    axes.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+    axes.set_ylim(0, 105)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=len(keys))
     _save(figure, path)
 
 
