@@ -7,9 +7,10 @@ are known by name only, encoded by the offline tiny CLIP, with token features fo
 methods). (b) Synthetic CLIP-like features (candle_dist/data/synthetic_features.py) with the
 real Places-LT count profile (configs/data/places_lt_train_counts.tsv, 365 classes, 4,980 down
 to 5 images per class) scaled by --scale, and synthetic token features. Both run
-`candle_dist.compare.compare` with every method at seeds 0..N-1 and the demo's recipe (SGD,
-lr 0.01, batch 128, --epochs), and the tables (mean ± sample std over seeds) go into
-BENCHMARKS.md (--print-only: printed instead). The defaults fit a 2-core CPU in about 30 minutes.
+`candle_dist.compare.compare` with every method at seeds 0..N-1, each at the learning rate of
+its method file, all with SGD, batch 128 and --epochs, and the tables (mean ± sample std over
+seeds) go into BENCHMARKS.md (--print-only: printed instead). The defaults fit a 2-core CPU
+in about 30 minutes.
 """
 
 from __future__ import annotations
@@ -154,15 +155,17 @@ def main() -> None:
             )
     body = (
         f"Every method of configs/methods/ (docs/compare.md) through `candle_dist.compare`, "
-        f"{args.seeds} seeds, mean ± {STD_NOTE.split(';')[0]}; recipe for every method: SGD, "
-        f"lr 0.01, batch 128, {args.epochs} epochs (`--set " + " ".join(overrides) + "`); "
+        f"{args.seeds} seeds, mean ± {STD_NOTE.split(';')[0]}; every method at its method "
+        f"file's learning rate, SGD, batch 128, {args.epochs} epochs (`--set "
+        + " ".join(overrides)
+        + "`); "
         "train_s: seconds per run, a second stage's including its first stage's. "
         f"Whole benchmark: {time.perf_counter() - start:.0f} s.\n\n" + "\n\n".join(sections)
     )
     if args.print_only:
         print(body)
     else:
-        write_section("compare", "Method comparison: the baselines and Candle on one recipe", body)
+        write_section("compare", "Method comparison: the baselines and Candle", body)
         print(body)
 
 

@@ -213,3 +213,22 @@ def test_select_on_needs_per_epoch_evaluation(tmp_path, long_tailed):
         _train(tmp_path, long_tailed, "cla", "train.select_on=top1")
     with pytest.raises(UserInputError, match=r"unknown train\.select_on='loss'"):
         _train(tmp_path, long_tailed, "cla", "train.select_on=loss")
+
+
+def test_a_diverged_run_stops_before_it_exports(tmp_path):
+    synthetic = make_synthetic_features(20, 16, imbalance_ratio=5, max_count=20, num_new=4, seed=1)
+    train, val = training_data_from_synthetic(synthetic)
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=1e30",
+            "optim.warmup_epochs=0",
+            "optim.epochs=3",
+            "head.num_heads=4",
+            f"train.output={tmp_path / 'run'}",
+            "train.log_with=[]",
+        ],
+    )
+    with pytest.raises(UserInputError, match=r"training diverged; lower optim.lr \(it is 1e\+30\)"):
+        fit(cfg, train, val)
+    assert not (tmp_path / "run" / "final").exists()

@@ -1,4 +1,4 @@
-"""Model: the Candle head and its losses."""
+"""Model: the Candle head, the baseline heads (linear probe, token decoder) and their losses."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ _EXPORTS = {
     "LADELoss": "candle_dist.model.losses",
     "LDAMLoss": "candle_dist.model.losses",
     "Fusion": "candle_dist.model.fusion",
+    "ProbeHead": "candle_dist.model.probe",
+    "TokenDecoder": "candle_dist.model.decoder",
+    "build_head": "candle_dist.model.heads",
+    "load_head": "candle_dist.model.heads",
     "LOSSES": "candle_dist.model.losses",
     "LogitAdjustedLoss": "candle_dist.model.losses",
     "build_loss": "candle_dist.model.losses",

@@ -284,6 +284,10 @@ def fit(
             )
             step += 1
             progress.update(1)
+            epoch_end = step % steps_per_epoch == 0
+            save = step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step
+            if save or step % cfg.train.log_every == 0:  # where the step syncs with the host anyway
+                _check_finite(loss, step, epoch, cfg.optim.lr, ckpt_dir)
 
             if log is not None and (step % cfg.train.log_every == 0 or step == last_step):
                 record = {"step": step, "epoch": epoch, "lr": lr, "loss": float(loss.detach())}
@@ -299,9 +303,8 @@ def fit(
                     scalars.update({"train/steps_per_s": rate, "train/samples_per_s": rate * batch})
                     accelerator.log(scalars, step=step)
                 last_log = (step, now)
-            epoch_end = step % steps_per_epoch == 0
             saved = None
-            if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step:
+            if save:
                 saved = _save(ckpt_dir, head, optimizer, step, epoch, cfg, train)
             if stop.agreed(comm):
                 saved = saved or _save(ckpt_dir, head, optimizer, step, epoch, cfg, train)
@@ -338,6 +341,20 @@ def fit(
             for tracker in accelerator.trackers:
                 tracker.finish()
     return results
+
+
+def _check_finite(loss: torch.Tensor, step: int, epoch: int, lr: float, ckpt_dir: Path) -> None:
+    """Stop a diverged run before it checkpoints or exports non-finite values (every rank sees
+    the same loss, so all stop at the same step)."""
+    value = float(loss.detach())
+    if math.isfinite(value):
+        return
+    kept = ckpt.step_dirs(ckpt_dir)
+    where = f"the checkpoints up to {kept[-1][1].name} are kept" if kept else "no checkpoint"
+    raise UserInputError(
+        f"the training loss is {value} at step {step} (epoch {epoch}): training diverged; "
+        f"lower optim.lr (it is {lr:g}) and start again ({where})"
+    )
 
 
 def _refuse_earlier_run(output: Path, ckpt_dir: Path) -> None:
