@@ -157,16 +157,22 @@ def test_every_option_has_help_text_and_says_its_default(name):
             assert "default" in line.lower() or "(required)" in line, (name, line)
 
 
-def test_train_summary_says_where_the_result_went_or_how_far_it_got():
+def test_train_summary_says_where_the_result_went_or_how_far_it_got(tmp_path):
     from candle_dist.train.cli import summary
 
+    final = tmp_path / "x" / "final"
+    final.mkdir(parents=True)
+    for name in ("head.pt", "head_meta.json", "classifier.pt"):
+        (final / name).write_text("")
     metrics = {k: 0.5 for k in ("top1", "base", "new", "hm", "medium", "few")} | {"many": None}
-    done = summary({"steps": 8, "total_steps": 8, "eval": metrics, "final": "runs/x/final"})
+    done = summary({"steps": 8, "total_steps": 8, "eval": metrics, "final": str(final)})
     assert done.splitlines() == [
         "top1 0.5000  base 0.5000  new 0.5000  hm 0.5000  many -  medium 0.5000  few 0.5000",
-        "wrote runs/x/final (head.pt, head_meta.json, classifier.pt)",
-        "metrics in runs/x/eval.json and runs/x/metrics.jsonl",
+        f"wrote {final} (classifier.pt, head.pt, head_meta.json)",
+        f"metrics in {final.parent / 'eval.json'} and {final.parent / 'metrics.jsonl'}",
     ]
+    (final / "classifier.pt").unlink()  # a decoder or linear run exports no classifier.pt
+    assert f"wrote {final} (head.pt, head_meta.json)" in summary({"final": str(final)})
     partial = summary({"steps": 3, "total_steps": 8})
     assert partial == "stopped at step 3 of 8 (--max-steps); continue with --resume"
 

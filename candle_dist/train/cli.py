@@ -91,7 +91,8 @@ def summary(results: dict) -> str:
         lines.append("  ".join(f"{k} {'-' if m[k] is None else f'{m[k]:.4f}'}" for k in keys))
     if "final" in results:
         final = Path(results["final"])
-        lines.append(f"wrote {final} (head.pt, head_meta.json, classifier.pt)")
+        files = ", ".join(sorted(path.name for path in final.iterdir())) if final.is_dir() else ""
+        lines.append(f"wrote {final} ({files})")
         metrics = [final.parent / "metrics.jsonl"]
         if "eval" in results:
             metrics.insert(0, final.parent / "eval.json")
