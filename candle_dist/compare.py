@@ -45,6 +45,7 @@ from candle_dist.train.data import (
     EvalData,
     TrainingData,
     eval_data_from_store,
+    require_tokens,
     training_data_from_store,
     validate,
 )
@@ -369,13 +370,11 @@ def _run_config(
 def _check_runnable(method: Method, cfg: Config, train: TrainingData, val: EvalData) -> None:
     """What the trainer would refuse only after earlier methods trained: a decoder without
     token features, a loss these counts do not allow."""
-    if cfg.head.type == "decoder" and (train.tokens is None or val.tokens is None):
-        raise UserInputError(
-            f"method {method.name}: head.type=decoder needs token features, which {train.source} "
-            f"or {val.source} lacks; extract both stores with `candle-dist extract --tokens`"
-        )
-    options = {name: getattr(cfg.loss, name) for name in loss_options(cfg.loss.name)}
     try:
+        if cfg.head.type == "decoder":
+            for split in (train, val):
+                require_tokens(split.tokens, split.source)
+        options = {name: getattr(cfg.loss, name) for name in loss_options(cfg.loss.name)}
         build_loss(cfg.loss.name, train.counts, **options)
     except UserInputError as err:
         raise UserInputError(f"method {method.name} ({method.path}): {err}") from None

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +84,21 @@ def store_rows(path: Path) -> dict[str, tuple[int, np.ndarray]]:
         key: (int(label), features[i])
         for i, (key, label) in enumerate(zip(store.keys, store.labels, strict=True))
     }
+
+
+def kill_after_first_shard(target, args: tuple, records: Path, num_shards: int) -> dict[str, int]:
+    """Run `target(*args)` (an extraction into the store whose shard records are in `records`)
+    in a forked child and kill -9 it once its first shard is recorded; returns the recorded
+    shards' names and modification times. A forked child inherits the imports, so it starts
+    at once."""
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
+    child.start()
+    deadline = time.monotonic() + 120
+    while not list(records.glob("*.json")) and child.is_alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    done = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert 0 < len(done) < num_shards, "the run was not killed mid-way"
+    return done

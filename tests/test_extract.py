@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
-import signal
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ from candle_dist.features.transforms import ImagePreprocessor, PreprocessSpec
 from candle_dist.provenance import provenance
 from tests.data_helpers import (
     jpeg_bytes,
+    kill_after_first_shard,
     shard_spec,
     store_rows,
     tiny_model_config,
@@ -153,19 +151,9 @@ def _extract_single_thread(spec: str, output: str, config: str) -> None:
 
 def test_kill_then_resume_equals_uninterrupted(data, tmp_path):
     out = tmp_path / "store"
-    # A forked child inherits the imports, so it starts at once; kill -9 it after one shard.
     args = (data["spec"], str(out), str(data["config"]))
-    child = multiprocessing.get_context("fork").Process(target=_extract_single_thread, args=args)
-    child.start()
     records = out / "shards"
-    deadline = time.monotonic() + 120
-    while not list(records.glob("*.json")) and child.is_alive():
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(child.pid, signal.SIGKILL)
-    child.join()
-    done = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
-    assert 0 < len(done) < NUM_SHARDS, "the run was not killed mid-way"
+    done = kill_after_first_shard(_extract_single_thread, args, records, NUM_SHARDS)
     assert not (out / "manifest.json").exists()
     stats = extract(
         *args[:2], pretrained="none", model_config=args[2], batch_size=3, workers=1, progress=False

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
-import os
-import signal
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,13 @@ from candle_dist.features.extract import extract
 from candle_dist.features.store import FeatureStore
 from candle_dist.features.tokens import TokenTap, token_layout, token_projection
 from candle_dist.train.data import eval_data_from_store, training_data_from_store, validate
-from tests.data_helpers import TINY_CONFIG, shard_spec, tiny_model_config, write_jpeg_shards
+from tests.data_helpers import (
+    TINY_CONFIG,
+    kill_after_first_shard,
+    shard_spec,
+    tiny_model_config,
+    write_jpeg_shards,
+)
 from tests.dist_utils import run_in_processes
 
 NUM_SHARDS, PER_SHARD = 6, 5
@@ -224,9 +226,9 @@ def test_tokens_round_trip_through_from_arrays(tmp_path):
     assert all(len(shard["tokens_sha256"]) == 64 for shard in store.manifest["shards"])
 
 
-def _extract_single_thread(spec: str, output: str, config: str) -> None:
+def _extract_rank(rank: int, world_size: int, spec: str, output: str, config: str) -> dict:
     torch.set_num_threads(1)
-    extract(
+    return extract(
         spec,
         output,
         pretrained="none",
@@ -240,20 +242,11 @@ def _extract_single_thread(spec: str, output: str, config: str) -> None:
 
 def test_kill_then_resume_gives_identical_token_files(data, tmp_path):
     out = tmp_path / "store"
-    args = (data["spec"], str(out), str(data["config"]))
-    child = multiprocessing.get_context("fork").Process(target=_extract_single_thread, args=args)
-    child.start()
+    args = (0, 1, data["spec"], str(out), str(data["config"]))
     records = out / "shards"
-    deadline = time.monotonic() + 120
-    while not list(records.glob("*.json")) and child.is_alive():
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(child.pid, signal.SIGKILL)
-    child.join()
-    done = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
-    assert 0 < len(done) < NUM_SHARDS, "the run was not killed mid-way"
+    done = kill_after_first_shard(_extract_rank, args, records, NUM_SHARDS)
     assert not (out / "manifest.json").exists()
-    _extract_single_thread(*args)
+    _extract_rank(*args)
     for name, mtime in done.items():
         assert (records / name).stat().st_mtime_ns == mtime  # finished shards not redone
     assert not list(records.glob(".*tmp*"))
@@ -268,20 +261,6 @@ def test_kill_then_resume_gives_identical_token_files(data, tmp_path):
         assert (out / name).read_bytes() == (reference / name).read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokens"] == data["vit"].token_info
-
-
-def _extract_rank(rank: int, world_size: int, spec: str, output: str, config: str) -> dict:
-    torch.set_num_threads(1)
-    return extract(
-        spec,
-        output,
-        pretrained="none",
-        model_config=config,
-        batch_size=1,
-        workers=0,
-        progress=False,
-        tokens=True,
-    )
 
 
 def test_two_ranks_write_the_tokens_of_one_process(data, tmp_path):

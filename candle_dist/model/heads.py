@@ -23,6 +23,7 @@ from candle_dist.errors import UserInputError
 from candle_dist.model.head import CandleHead
 from candle_dist.model.probe import CLASSIFIER_INITS, PROBE_TYPES, ProbeHead
 from candle_dist.parallel.comm import ClassGroup
+from candle_dist.train.data import require_tokens
 from candle_dist.train.prototypes import class_means
 
 HEAD_TYPES = ("candle", *PROBE_TYPES)
@@ -88,16 +89,6 @@ def build_head(cfg, train, comm: ClassGroup, device=None) -> CandleHead | ProbeH
         chunk_rows=cfg.head.chunk_rows,
         device=device,
     )
-
-
-def require_tokens(tokens, source: str):
-    """The store's token features, or the error that says how to make them."""
-    if tokens is None:
-        raise UserInputError(
-            f"head.type=decoder reads token features, and {source} has none: extract it with "
-            "`candle-dist extract --tokens` (and --token-grid 7 to keep 50 tokens per image)"
-        )
-    return tokens
 
 
 def _stage2_head(cfg, train, comm: ClassGroup, device) -> ProbeHead:

@@ -68,12 +68,18 @@ class TrainingData:
 
     def token_rows(self, indices: np.ndarray) -> torch.Tensor:
         """Float32 token rows [n, T, W] for these sample indices."""
-        if self.tokens is None:
-            raise UserInputError(
-                f"{self.source}: no token features; extract the store with `candle-dist "
-                "extract --tokens` into a new --output"
-            )
-        return torch.as_tensor(np.asarray(self.tokens[indices], dtype=np.float32))
+        tokens = require_tokens(self.tokens, self.source)
+        return torch.as_tensor(np.asarray(tokens[indices], dtype=np.float32))
+
+
+def require_tokens(tokens: Any, source: str) -> Any:
+    """A store's token features, or the error that says how to make them."""
+    if tokens is None:
+        raise UserInputError(
+            f"{source}: no token features; extract the store with `candle-dist extract --tokens` "
+            "(--token-grid 7 keeps 50 tokens per image): head.type=decoder reads them"
+        )
+    return tokens
 
 
 @dataclass

@@ -36,7 +36,7 @@ from candle_dist.config import Config
 from candle_dist.errors import UserInputError
 from candle_dist.eval.metrics import MetricAccumulator, to_json
 from candle_dist.model.head import CandleHead
-from candle_dist.model.heads import build_head, candle_options, require_tokens
+from candle_dist.model.heads import build_head, candle_options
 from candle_dist.model.losses import build_loss, loss_options
 from candle_dist.model.probe import ProbeHead
 from candle_dist.outputs import check_output_dir, staged_dir
@@ -44,7 +44,7 @@ from candle_dist.parallel.comm import ClassGroup
 from candle_dist.parallel.partition import Partition
 from candle_dist.precision import resolve_precision
 from candle_dist.train import checkpoint as ckpt
-from candle_dist.train.data import EvalData, TrainingData, validate
+from candle_dist.train.data import EvalData, TrainingData, require_tokens, validate
 from candle_dist.train.optimizer import HeadSGD, build_optimizer, skip_deepspeed_shm_build
 from candle_dist.train.sampler import epoch_indices
 from candle_dist.train.schedule import learning_rate
